@@ -1,0 +1,236 @@
+"""Hyperparameters: one typed record, the paper's presets, and absl flags to override any field.
+
+    python train.py --hparams=imagenet32 --width=256 --dec_blocks=1x2,4m1,...
+
+Every field of `HParams` is a flag of the same name. `load(name, **overrides)` is the
+library entry point; `from_flags()` is what the scripts call. Both validate, so a block
+string that does not parse or a decoder that cannot run fails at start-up, in one line.
+"""
+import dataclasses
+import re
+import sys
+
+from absl import flags
+
+
+class HParamsError(ValueError):
+    """A preset, field or value that cannot work; the message names it and the valid choices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HParams:
+    # Data.
+    dataset: str = 'cifar10'
+    image_size: int = 32
+    image_channels: int = 3
+    low_bit: bool = False            # 5-bit likelihood (the paper's FFHQ-256)
+    # Architecture (paper figure 3 and table 4).
+    width: int = 384
+    custom_width_str: str = ''       # 'res:width,...'; unlisted resolutions use `width`
+    zdim: int = 16
+    bottleneck_multiple: float = 0.25
+    num_mixtures: int = 10
+    no_bias_above: int = 64          # trainable initial decoder states up to this resolution
+    enc_blocks: str = ''
+    dec_blocks: str = ''
+    # Optimisation.
+    lr: float = 2e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.9
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_iters: int = 100
+    ema_rate: float = 0.9999
+    grad_clip: float = 200.0
+    skip_threshold: float = 400.0
+    batch_size: int = 16             # per replica
+    seed: int = 0
+
+    def replace(self, **changes):
+        return validate(dataclasses.replace(self, **changes))
+
+
+_PAPER = dict(zdim=16, bottleneck_multiple=0.25, num_mixtures=10, no_bias_above=64)
+
+PRESETS = {
+    'cifar10': HParams(
+        dataset='cifar10', image_size=32, width=384, lr=2e-4, batch_size=16, ema_rate=0.9999,
+        grad_clip=200, skip_threshold=400, **_PAPER,
+        enc_blocks='32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3',
+        dec_blocks='1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21'),
+    'imagenet32': HParams(
+        dataset='imagenet32', image_size=32, width=512, lr=1.5e-4, batch_size=8, ema_rate=0.999,
+        grad_clip=200, skip_threshold=300, **_PAPER,
+        enc_blocks='32x15,32d2,16x9,16d2,8x8,8d2,4x6,4d4,1x6',
+        dec_blocks='1x2,4m1,4x4,8m4,8x9,16m8,16x19,32m16,32x40'),
+    'imagenet64': HParams(
+        dataset='imagenet64', image_size=64, width=512, lr=1.5e-4, batch_size=4, ema_rate=0.999,
+        grad_clip=220, skip_threshold=380, **_PAPER,
+        enc_blocks='64x11,64d2,32x20,32d2,16x9,16d2,8x8,8d2,4x7,4d4,1x5',
+        dec_blocks='1x2,4m1,4x3,8m4,8x7,16m8,16x15,32m16,32x31,64m32,64x12'),
+    'ffhq256': HParams(
+        dataset='ffhq256', image_size=256, width=512, lr=1.5e-4, batch_size=1, ema_rate=0.999,
+        grad_clip=130, skip_threshold=180, low_bit=True, **_PAPER,
+        enc_blocks='256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4x5,4d4,1x4',
+        dec_blocks='1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x21,64m32,64x13,128m64,128x7,256m128'),
+    'ffhq1024': HParams(
+        dataset='ffhq1024', image_size=1024, width=16, lr=7e-5, batch_size=1, ema_rate=0.999,
+        grad_clip=360, skip_threshold=500, **dict(_PAPER, num_mixtures=2),
+        custom_width_str='512:32,256:64,128:512,64:512,32:512,16:512,8:512,4:512,1:512',
+        enc_blocks='1024x1,1024d2,512x3,512d2,256x5,256d2,128x7,128d2,64x10,64d2,32x14,32d2,'
+                   '16x7,16d2,8x5,8d2,4x5,4d4,1x4',
+        dec_blocks='1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x20,64m32,64x14,128m64,128x7,'
+                   '256m128,256x2,512m256,1024m512'),
+    # Small configurations: `tiny` is the shape of the official test case (unit tests),
+    # `demo` trains on real MNIST digits on a laptop CPU in minutes.
+    'tiny': HParams(
+        dataset='mnist5k', image_size=16, width=32, zdim=4, num_mixtures=3, lr=1e-3,
+        batch_size=8, ema_rate=0.99, grad_clip=200, skip_threshold=1000,
+        enc_blocks='16x2,16d2,8x2,8d2,4x2,4d4,1x1',
+        dec_blocks='1x1,4m1,4x2,8m4,8x2,16m8,16x2'),
+    'demo': HParams(
+        dataset='mnist5k', image_size=32, width=64, zdim=8, num_mixtures=5, lr=1e-3,
+        batch_size=32, ema_rate=0.999, grad_clip=200, skip_threshold=1000,
+        enc_blocks='32x2,32d2,16x2,16d2,8x2,8d2,4x2,4d4,1x1',
+        dec_blocks='1x1,4m1,4x2,8m4,8x2,16m8,16x3,32m16,32x2'),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Block strings: 'RxN' N blocks at R, 'RdK' one block at R then pool by K, 'RmM' one block at
+# R mixing in the upsampled state of resolution M, bare 'R' one block.
+_TOKEN = re.compile(r'^(\d+)(?:([xdm])(\d+))?$')
+
+
+def parse_blocks(s, field='blocks'):
+    """'32x2,32d2' -> [(32, None), (32, None), (32, 2)]: (resolution, down rate or mixin)."""
+    blocks = []
+    for token in s.split(','):
+        m = _TOKEN.match(token.strip())
+        if not m:
+            raise HParamsError(f'{field}: cannot parse block {token!r} in {s!r} '
+                               "(expected 'R', 'RxN', 'RdK' or 'RmM', e.g. '32x4,32d2,16m8')")
+        res, kind, n = int(m[1]), m[2], int(m[3]) if m[3] else None
+        if res < 1 or (n is not None and n < 1):
+            raise HParamsError(f'{field}: block {token!r} needs positive numbers')
+        if kind == 'x':
+            blocks += [(res, None)] * n
+        else:
+            blocks.append((res, n))
+    return blocks
+
+
+def widths(hp):
+    """Resolution -> channel width for every resolution the model uses (custom_width_str
+    overrides `width` per resolution)."""
+    table = {}
+    for item in filter(None, hp.custom_width_str.split(',')):
+        try:
+            res, w = (int(v) for v in item.split(':'))
+        except ValueError:
+            raise HParamsError(f"custom_width_str: cannot parse {item!r} (expected 'res:width,...')")
+        table[res] = w
+    used = {hp.image_size}
+    for res, down in parse_blocks(hp.enc_blocks, 'enc_blocks'):
+        used |= {res, res // (down or 1)}
+    for res, mixin in parse_blocks(hp.dec_blocks, 'dec_blocks'):
+        used |= {res, mixin or res}
+    return {res: table.get(res, hp.width) for res in sorted(used | set(table))}
+
+
+def encoder_resolutions(hp):
+    """The resolution each encoder block works at, checked to follow from the image size."""
+    blocks, res = parse_blocks(hp.enc_blocks, 'enc_blocks'), hp.image_size
+    for r, down in blocks:
+        if r != res:
+            raise HParamsError(f'enc_blocks: a block at resolution {r} follows resolution {res} '
+                               f'(the encoder starts at image_size={hp.image_size} and only '
+                               "'RdK' blocks change resolution)")
+        if down is not None:
+            if res % down:
+                raise HParamsError(f'enc_blocks: {r}d{down} does not divide {r}')
+            res //= down
+    return blocks
+
+
+def validate(hp):
+    for f in dataclasses.fields(hp):
+        v = getattr(hp, f.name)
+        if f.type in ('int', 'float', int, float) and f.name != 'seed' and v < 0:
+            raise HParamsError(f'{f.name}={v} must not be negative')
+    for name in ('image_size', 'width', 'zdim', 'num_mixtures', 'batch_size', 'image_channels'):
+        if getattr(hp, name) < 1:
+            raise HParamsError(f'{name}={getattr(hp, name)} must be at least 1')
+    if not 0 <= hp.ema_rate < 1 or not 0 <= hp.adam_beta1 < 1 or not 0 <= hp.adam_beta2 < 1:
+        raise HParamsError('ema_rate, adam_beta1 and adam_beta2 must lie in [0, 1)')
+    if hp.image_channels != 3:
+        raise HParamsError('image_channels must be 3 (the DMoL likelihood is over RGB)')
+    width = widths(hp)
+    enc_blocks = encoder_resolutions(hp)
+    enc_res = {hp.image_size} | {r // (d or 1) for r, d in enc_blocks}
+    seen = set()
+    for res, mixin in parse_blocks(hp.dec_blocks, 'dec_blocks'):
+        if res not in enc_res:
+            raise HParamsError(f'dec_blocks: resolution {res} has no encoder activation '
+                               f'(encoder resolutions: {sorted(enc_res)})')
+        if mixin is not None:
+            if mixin not in seen:
+                raise HParamsError(f'dec_blocks: {res}m{mixin} mixes in resolution {mixin}, '
+                                   f'which no earlier decoder block produced (so far: {sorted(seen)})')
+            if mixin >= res or res % mixin:
+                raise HParamsError(f'dec_blocks: {res}m{mixin} must upsample by a whole factor')
+            if width[mixin] < width[res]:
+                raise HParamsError(f'dec_blocks: {res}m{mixin} needs width[{mixin}] >= '
+                                   f'width[{res}], got {width[mixin]} < {width[res]}')
+        if int(width[res] * hp.bottleneck_multiple) < 1:
+            raise HParamsError(f'bottleneck_multiple={hp.bottleneck_multiple} leaves no channels '
+                               f'at resolution {res}')
+        seen.add(res)
+    top = parse_blocks(hp.dec_blocks)[-1][0]
+    if top != hp.image_size:
+        raise HParamsError(f'dec_blocks: the decoder ends at resolution {top}, '
+                           f'but image_size={hp.image_size}')
+    if width[hp.image_size] != hp.width:
+        raise HParamsError(f'custom_width_str: the image resolution {hp.image_size} must use the '
+                           f'base width {hp.width} (the output head reads it)')
+    return hp
+
+
+def load(name, **overrides):
+    """A validated preset with some fields changed, e.g. load('cifar10', width=128)."""
+    if name not in PRESETS:
+        raise HParamsError(f'unknown preset {name!r}; choose one of: {", ".join(PRESETS)}')
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(HParams)})
+    if unknown:
+        raise HParamsError(f'unknown hyperparameter(s) {", ".join(unknown)}; valid: '
+                           + ', '.join(f.name for f in dataclasses.fields(HParams)))
+    return validate(dataclasses.replace(PRESETS[name], **overrides))
+
+
+# ---------------------------------------------------------------------------------------
+# Flags: --hparams=NAME plus one flag per field, None meaning "the preset's value".
+def define_flags(default='demo'):
+    flags.DEFINE_string('hparams', default, f'preset: one of {", ".join(PRESETS)}')
+    for f in dataclasses.fields(HParams):
+        kind = {'int': flags.DEFINE_integer, 'float': flags.DEFINE_float,
+                'bool': flags.DEFINE_boolean, 'str': flags.DEFINE_string}[_typename(f)]
+        kind(f.name, None, f'override the preset\'s {f.name}')
+
+
+def _typename(field):
+    return field.type if isinstance(field.type, str) else field.type.__name__
+
+
+def from_flags(flag_values=None):
+    fv = flag_values or flags.FLAGS
+    overrides = {f.name: fv[f.name].value for f in dataclasses.fields(HParams)
+                 if fv[f.name].value is not None}
+    return load(fv.hparams, **overrides)
+
+
+def exit_on_error(fn, *args, **kwargs):
+    """Run fn; an HParamsError becomes one line on stderr and exit status 2."""
+    try:
+        return fn(*args, **kwargs)
+    except HParamsError as e:
+        sys.exit(f'error: {e}')

@@ -1,0 +1,368 @@
+"""The very deep VAE of Child (2020), paper figure 3, in TensorFlow/Keras. NHWC throughout.
+
+    bottom-up (Encoder)                      top-down (Decoder), one DecBlock per dec_blocks entry
+    x -> in_conv -> Block ... -> acts[r]     state[r] (+ upsampled state[mixin])
+                                               |-> prior(state)            -> p_mean, p_logsigma, x_res
+                                               |-> posterior(state, acts[r]) -> q_mean, q_logsigma
+                                               z ~ q (training) | p at temperature t (sampling) | given
+                                               state[r] = resnet(state + x_res + z_proj(z))
+                                             image res: state * gain + bias -> 1x1 conv -> DMoL params
+
+Graph size is what makes a port of this model slow to start (see tensorflow-notes.md): every
+resolution stage keeps each conv role of all its blocks in one stacked variable, unstacked
+once per call, so the cifar10 preset has ~180 variables instead of ~2,800.
+"""
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from hparams import parse_blocks, widths
+
+
+# ---------------------------------------------------------------------------------------
+# Likelihood: discretized mixture of logistics on the raw parameter tensor (B, H, W, 10 M):
+# channels [0:M] mixture logits, then per colour c [means M | log_scales M | coeffs M].
+def _dmol_split(params):
+    m = params.shape[-1] // 10
+    logits = params[..., :m]
+    rest = tf.reshape(params[..., m:], tf.concat([tf.shape(params)[:-1], [3, 3 * m]], 0))
+    return logits, rest[..., :m], tf.maximum(rest[..., m:2 * m], -7.), tf.tanh(rest[..., 2 * m:])
+
+
+def dmol_log_probs(params, target, low_bit=False):
+    """log p(target) per pixel (B, H, W); targets in [-1, 1], 8-bit or (low_bit) 5-bit bins."""
+    params, target = tf.cast(params, tf.float32), tf.cast(target, tf.float32)
+    logits, means, log_scales, coeffs = _dmol_split(params)
+    x = target[..., None]                                   # (B, H, W, 3, 1)
+    # Colours are autoregressive: green's mean sees red, blue's sees red and green.
+    means = tf.stack([
+        means[..., 0, :],
+        means[..., 1, :] + coeffs[..., 0, :] * x[..., 0, :],
+        means[..., 2, :] + coeffs[..., 1, :] * x[..., 0, :] + coeffs[..., 2, :] * x[..., 1, :],
+    ], axis=-2)
+    centered = x - means
+    inv_scale = tf.exp(-log_scales)
+    half_bin, log_half_range = (1. / 31., math.log(15.5)) if low_bit else (1. / 255., math.log(127.5))
+    plus = inv_scale * (centered + half_bin)
+    minus = inv_scale * (centered - half_bin)
+    log_cdf_plus = plus - tf.nn.softplus(plus)              # bottom bin: all mass below
+    log_one_minus_cdf_minus = -tf.nn.softplus(minus)        # top bin: all mass above
+    cdf_delta = tf.sigmoid(plus) - tf.sigmoid(minus)
+    mid = inv_scale * centered
+    # Where the bin mass underflows float32, use the density at the bin centre times its width.
+    log_pdf_mid = mid - log_scales - 2. * tf.nn.softplus(mid) - log_half_range
+    log_probs = tf.where(
+        x < -0.999, log_cdf_plus,
+        tf.where(x > 0.999, log_one_minus_cdf_minus,
+                 tf.where(cdf_delta > 1e-5, tf.math.log(tf.maximum(cdf_delta, 1e-12)), log_pdf_mid)))
+    log_probs = tf.reduce_sum(log_probs, axis=-2) + tf.nn.log_softmax(logits)
+    return tf.reduce_logsumexp(log_probs, axis=-1)
+
+
+def dmol_nll(params, target, low_bit=False):
+    """Per-image negative log-likelihood in nats per dimension (the paper's distortion)."""
+    log_probs = dmol_log_probs(params, target, low_bit)
+    dims = tf.cast(tf.reduce_prod(tf.shape(target)[1:]), tf.float32)
+    return -tf.reduce_sum(log_probs, axis=[1, 2]) / dims
+
+
+def dmol_sample(params, seed=None):
+    """uint8 images (B, H, W, 3) drawn from the mixture; `seed` a [2] int tensor or None."""
+    params = tf.cast(params, tf.float32)
+    logits, means, log_scales, coeffs = _dmol_split(params)
+    seed_pick, seed_noise = tf.unstack(_split_seed(seed, 2))
+    u = tf.random.stateless_uniform(tf.shape(logits), seed_pick, 1e-5, 1. - 1e-5)
+    pick = tf.one_hot(tf.argmax(logits - tf.math.log(-tf.math.log(u)), axis=-1),
+                      logits.shape[-1])[..., None, :]      # Gumbel-max choice of component
+    means, coeffs = tf.reduce_sum(means * pick, -1), tf.reduce_sum(coeffs * pick, -1)
+    log_scales = tf.reduce_sum(log_scales * pick, -1)
+    u = tf.random.stateless_uniform(tf.shape(means), seed_noise, 1e-5, 1. - 1e-5)
+    x = means + tf.exp(log_scales) * (tf.math.log(u) - tf.math.log(1. - u))
+    r = tf.clip_by_value(x[..., 0], -1., 1.)
+    g = tf.clip_by_value(x[..., 1] + coeffs[..., 0] * r, -1., 1.)
+    b = tf.clip_by_value(x[..., 2] + coeffs[..., 1] * r + coeffs[..., 2] * g, -1., 1.)
+    return to_uint8(tf.stack([r, g, b], axis=-1))
+
+
+def to_uint8(x):
+    """[-1, 1] -> uint8, truncating like the official sampler."""
+    return tf.cast(tf.clip_by_value((x + 1.) * 127.5, 0., 255.), tf.uint8)
+
+
+def gaussian_kl(q_mean, q_logsigma, p_mean, p_logsigma):
+    """KL(q || p) per element for diagonal Gaussians given by mean and log-sigma."""
+    return (-0.5 + p_logsigma - q_logsigma
+            + 0.5 * (tf.exp(q_logsigma) ** 2 + (q_mean - p_mean) ** 2) / tf.exp(p_logsigma) ** 2)
+
+
+def _split_seed(seed, n):
+    """n independent stateless seeds (n, 2) from one [2] seed, or from the global RNG if None."""
+    if seed is None:
+        seed = tf.random.uniform([2], maxval=2 ** 31 - 1, dtype=tf.int32)
+    return tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), n)
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks.
+def _torch_uniform(fan_in, scale=1.):
+    """PyTorch's default conv init, U(+-1/sqrt(fan_in)), times `scale` (0 gives zeros)."""
+    bound = scale / math.sqrt(fan_in)
+    if bound == 0:
+        return 'zeros'
+    return keras.initializers.RandomUniform(-bound, bound)
+
+
+def conv(x, kernel, bias):
+    return tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, 'SAME'), bias)
+
+
+def bottleneck(x, weights, residual):
+    """Figure 3's residual block: GELU before each of conv 1x1, 3x3, 3x3, 1x1."""
+    h = x
+    for kernel, bias in weights:
+        h = conv(tf.nn.gelu(h, approximate=False), kernel, bias)
+    return x + h if residual else h
+
+
+class BlockStack(keras.layers.Layer):
+    """`n` bottleneck blocks of one shape; each of the 4 convs keeps all n kernels in one
+    variable (n, k, k, in, out). `last_scale` scales the last conv's init (0: zero init)."""
+
+    def __init__(self, n, c_in, c_mid, c_out, use_3x3, last_scale=1., **kwargs):
+        super().__init__(**kwargs)
+        k = 3 if use_3x3 else 1
+        shapes = [(1, c_in, c_mid), (k, c_mid, c_mid), (k, c_mid, c_mid), (1, c_mid, c_out)]
+        self.kernels, self.biases = [], []
+        for i, (ks, ci, co) in enumerate(shapes, 1):
+            init = _torch_uniform(ks * ks * ci, last_scale if i == 4 else 1.)
+            self.kernels.append(self.add_weight(
+                shape=(n, ks, ks, ci, co), initializer=init, name=f'c{i}_kernel'))
+            self.biases.append(self.add_weight(shape=(n, co), initializer='zeros', name=f'c{i}_bias'))
+        self.built = True
+
+    def unstack(self, dtype):
+        """Per block, a list of 4 (kernel, bias) pairs."""
+        ks = [tf.unstack(tf.cast(k, dtype)) for k in self.kernels]
+        bs = [tf.unstack(tf.cast(b, dtype)) for b in self.biases]
+        return [list(zip(k, b)) for k, b in zip(zip(*ks), zip(*bs))]
+
+
+def _stage_counts(blocks):
+    counts = {}
+    for res, _ in blocks:
+        counts[res] = counts.get(res, 0) + 1
+    return counts
+
+
+class _Stages:
+    """Per-resolution stacked weights handed out block by block, in string order."""
+
+    def __init__(self, unstacked):
+        self.unstacked, self.used = unstacked, {r: 0 for r in unstacked}
+
+    def next(self, res):
+        self.used[res] += 1
+        return self.unstacked[res][self.used[res] - 1]
+
+
+# ---------------------------------------------------------------------------------------
+class Encoder(keras.layers.Layer):
+    """Bottom-up path: in_conv, then residual blocks; keeps the last activation per resolution."""
+
+    def __init__(self, hp, **kwargs):
+        super().__init__(**kwargs)
+        self.hp, self.width = hp, widths(hp)
+        self.blocks = parse_blocks(hp.enc_blocks)
+        self.in_kernel = self.add_weight(shape=(3, 3, hp.image_channels, hp.width), name='in_kernel',
+                                         initializer=_torch_uniform(9 * hp.image_channels))
+        self.in_bias = self.add_weight(shape=(hp.width,), initializer='zeros', name='in_bias')
+        scale = math.sqrt(1. / len(self.blocks))
+        self.stages = {}
+        for res, n in _stage_counts(self.blocks).items():
+            w = self.width[res]
+            self.stages[res] = BlockStack(n, w, int(w * hp.bottleneck_multiple), w, res > 2,
+                                          last_scale=scale, name=f'enc{res}')
+        self.built = True
+
+    def activations(self, x):
+        dtype = self.compute_dtype
+        x = conv(tf.cast(x, dtype), tf.cast(self.in_kernel, dtype), tf.cast(self.in_bias, dtype))
+        acts = {self.hp.image_size: x}
+        stages = _Stages({r: s.unstack(dtype) for r, s in self.stages.items()})
+        for res, down in self.blocks:
+            x = bottleneck(x, stages.next(res), residual=True)
+            if down:
+                x = tf.nn.avg_pool2d(x, down, down, 'VALID')
+                res //= down
+            if x.shape[-1] < self.width[res]:
+                x = tf.pad(x, [[0, 0], [0, 0], [0, 0], [0, self.width[res] - x.shape[-1]]])
+            acts[res] = x
+        return acts
+
+
+class DecoderStage(keras.layers.Layer):
+    """All decoder blocks at one resolution: posterior, prior, z_proj and resnet, stacked."""
+
+    def __init__(self, n, res, width, hp, n_total, **kwargs):
+        super().__init__(**kwargs)
+        mid, z, use_3x3 = int(width * hp.bottleneck_multiple), hp.zdim, res > 2
+        scale = math.sqrt(1. / n_total)
+        self.posterior = BlockStack(n, 2 * width, mid, 2 * z, use_3x3, name=f'dec{res}_posterior')
+        self.prior = BlockStack(n, width, mid, 2 * z + width, use_3x3, last_scale=0.,
+                                name=f'dec{res}_prior')
+        self.resnet = BlockStack(n, width, mid, width, use_3x3, last_scale=scale, name=f'dec{res}_resnet')
+        self.z_kernel = self.add_weight(shape=(n, 1, 1, z, width), name='z_proj_kernel',
+                                        initializer=_torch_uniform(z, scale))
+        self.z_bias = self.add_weight(shape=(n, width), initializer='zeros', name='z_proj_bias')
+        self.built = True
+
+    def unstack(self, dtype):
+        z_proj = zip(tf.unstack(tf.cast(self.z_kernel, dtype)), tf.unstack(tf.cast(self.z_bias, dtype)))
+        return [dict(posterior=q, prior=p, resnet=r, z_proj=zp) for q, p, r, zp in zip(
+            self.posterior.unstack(dtype), self.prior.unstack(dtype), self.resnet.unstack(dtype), z_proj)]
+
+
+def _upsample(x, factor):
+    """Nearest-neighbour unpooling by an integer factor."""
+    if factor == 1:
+        return x
+    b, h, w, c = tf.unstack(tf.shape(x))
+    x = tf.broadcast_to(x[:, :, None, :, None, :], [b, h, factor, w, factor, c])
+    return tf.reshape(x, [b, h * factor, w * factor, c])
+
+
+class Decoder(keras.layers.Layer):
+    """Top-down path: one DecBlock per dec_blocks entry, then gain/bias and the DMoL head."""
+
+    def __init__(self, hp, **kwargs):
+        super().__init__(**kwargs)
+        self.hp, self.width = hp, widths(hp)
+        self.blocks = parse_blocks(hp.dec_blocks)
+        self.stages = {res: DecoderStage(n, res, self.width[res], hp, len(self.blocks), name=f'dec{res}')
+                       for res, n in _stage_counts(self.blocks).items()}
+        self.bias_states = {res: self.add_weight(shape=(1, res, res, self.width[res]),
+                                                 initializer='zeros', name=f'bias_state{res}')
+                            for res in sorted(self.stages) if res <= hp.no_bias_above}
+        self.gain = self.add_weight(shape=(hp.width,), initializer='ones', name='gain')
+        self.bias = self.add_weight(shape=(hp.width,), initializer='zeros', name='bias')
+        self.out_kernel = self.add_weight(shape=(1, 1, hp.width, 10 * hp.num_mixtures), name='out_kernel',
+                                          initializer=_torch_uniform(hp.width))
+        self.out_bias = self.add_weight(shape=(10 * hp.num_mixtures,), initializer='zeros', name='out_bias')
+        self.built = True
+
+    def top_down(self, n, acts=None, latents=(), temperatures=None, seed=None):
+        """Run every DecBlock in order. With `acts` (the encoder's), z comes from the posterior
+        and each layer reports its KL; without, from the prior at `temperatures[i]`. The first
+        len(latents) layers use the given latents instead. Returns (DMoL params, per-layer dicts
+        with z, the prior's (p_mean, p_logsigma) and, on the posterior path, q and kl)."""
+        dtype, z_dim = self.compute_dtype, self.hp.zdim
+        noise_seeds = _split_seed(seed, len(self.blocks))
+        stages = _Stages({r: s.unstack(dtype) for r, s in self.stages.items()})
+        state = {r: tf.broadcast_to(tf.cast(b, dtype), [n, r, r, b.shape[-1]])
+                 for r, b in self.bias_states.items()}
+        layers = []
+        for i, (res, mixin) in enumerate(self.blocks):
+            w, weights, out = self.width[res], stages.next(res), {}
+            x = state[res] if res in state else tf.zeros([n, res, res, w], dtype)
+            if mixin is not None:
+                x = x + _upsample(state[mixin][..., :w], res // mixin)
+            prior = bottleneck(x, weights['prior'], residual=False)
+            p_mean, p_logsigma, x_res = prior[..., :z_dim], prior[..., z_dim:2 * z_dim], prior[..., 2 * z_dim:]
+            out['p'] = (p_mean, p_logsigma)
+            if acts is not None:
+                q = bottleneck(tf.concat([x, acts[res]], -1), weights['posterior'], residual=False)
+                out['q'] = q_mean, q_logsigma = q[..., :z_dim], q[..., z_dim:]
+                kl = gaussian_kl(*[tf.cast(t, tf.float32) for t in (q_mean, q_logsigma, p_mean, p_logsigma)])
+                out['kl'] = tf.reduce_sum(kl, axis=[1, 2, 3])
+            x = x + x_res
+            if i < len(latents):
+                z = tf.cast(latents[i], dtype)
+            else:
+                eps = tf.cast(tf.random.stateless_normal(tf.shape(p_mean), noise_seeds[i]), dtype)
+                if acts is not None:
+                    z = q_mean + tf.exp(q_logsigma) * eps
+                else:
+                    z = p_mean + tf.exp(p_logsigma) * tf.cast(temperatures[i], dtype) * eps
+            out['z'] = z
+            x = bottleneck(x + conv(z, *weights['z_proj']), weights['resnet'], residual=True)
+            state[res] = x
+            layers.append(out)
+        x = state[self.hp.image_size] * tf.cast(self.gain, dtype) + tf.cast(self.bias, dtype)
+        params = conv(x, tf.cast(self.out_kernel, dtype), tf.cast(self.out_bias, dtype))
+        return tf.cast(params, tf.float32), layers
+
+
+# ---------------------------------------------------------------------------------------
+class VDVAE(keras.Model):
+    """The whole model. `elbo`, `distortion` and `rate` are per-image losses in nats/dim
+    (the negative ELBO, as the paper reports it); divide by ln 2 for bits/dim.
+
+    x_in: the preprocessed network input (B, H, W, 3); target: the image in [-1, 1].
+    seed: an optional [2] int tensor making every random draw reproducible."""
+
+    def __init__(self, hp, **kwargs):
+        super().__init__(name=kwargs.pop('name', 'vdvae'), **kwargs)
+        self.hp = hp
+        self.encoder = Encoder(hp, name='encoder')
+        self.decoder = Decoder(hp, name='decoder')
+        self.num_layers = len(self.decoder.blocks)
+        self.built = True
+
+    def call(self, inputs, seed=None):
+        return self.losses_per_image(*inputs, seed=seed)
+
+    def losses_per_image(self, x_in, target, seed=None):
+        params, layers = self._posterior_pass(x_in, seed)
+        distortion = dmol_nll(params, target, self.hp.low_bit)
+        rate = tf.add_n([l['kl'] for l in layers]) / self._dims()
+        return dict(elbo=distortion + rate, distortion=distortion, rate=rate)
+
+    def rate_per_layer(self, x_in, seed=None):
+        """(B, num_layers): each decoder layer's KL in nats/dim; rows sum to `rate`."""
+        _, layers = self._posterior_pass(x_in, seed)
+        return tf.stack([l['kl'] for l in layers], axis=1) / self._dims()
+
+    def posterior_latents(self, x_in, seed=None):
+        """One z ~ q(z | x, z_above) per decoder layer, in order."""
+        return [l['z'] for l in self._posterior_pass(x_in, seed)[1]]
+
+    def decode(self, latents, n=None, temperature=1., seed=None):
+        """DMoL parameters from the first len(latents) latents, the rest drawn from the prior
+        at `temperature` (one float, or one per layer)."""
+        if n is None:
+            n = tf.shape(latents[0])[0]
+        if len(latents) > self.num_layers:
+            raise ValueError(f'{len(latents)} latents given but the decoder has {self.num_layers} layers')
+        return self.decoder.top_down(n, latents=list(latents), seed=seed,
+                                     temperatures=self.temperatures(temperature))[0]
+
+    def decode_images(self, latents, n=None, temperature=1., seed=None):
+        seed_z, seed_x = tf.unstack(_split_seed(seed, 2))
+        return dmol_sample(self.decode(latents, n, temperature, seed_z), seed_x)
+
+    def sample(self, n, temperature=1., seed=None):
+        """n unconditional uint8 images (n, H, W, 3)."""
+        return self.decode_images([], n, temperature, seed)
+
+    def temperatures(self, temperature):
+        """One float, or a sequence with one value per decoder layer -> float32 (num_layers,)."""
+        t = tf.convert_to_tensor(temperature, tf.float32)
+        if t.shape.rank == 0:
+            return tf.fill([self.num_layers], t)
+        if t.shape != (self.num_layers,):
+            raise ValueError(f'temperature schedule has {t.shape[0]} values; the decoder has '
+                             f'{self.num_layers} layers (give one value, or one per layer)')
+        return t
+
+    def _posterior_pass(self, x_in, seed):
+        acts = self.encoder.activations(x_in)
+        return self.decoder.top_down(tf.shape(x_in)[0], acts=acts, seed=seed)
+
+    def _dims(self):
+        return float(self.hp.image_size ** 2 * self.hp.image_channels)
+
+
+def count_params(model):
+    return int(sum(np.prod(v.shape) for v in model.weights))
