@@ -209,12 +209,13 @@ def load(name, **overrides):
 
 # ---------------------------------------------------------------------------------------
 # Flags: --hparams=NAME plus one flag per field, None meaning "the preset's value".
-def define_flags(default='demo'):
-    flags.DEFINE_string('hparams', default, f'preset: one of {", ".join(PRESETS)}')
+def define_flags(default='demo', flag_values=flags.FLAGS):
+    flags.DEFINE_string('hparams', default, f'preset: one of {", ".join(PRESETS)}',
+                        flag_values=flag_values)
     for f in dataclasses.fields(HParams):
         kind = {'int': flags.DEFINE_integer, 'float': flags.DEFINE_float,
                 'bool': flags.DEFINE_boolean, 'str': flags.DEFINE_string}[_typename(f)]
-        kind(f.name, None, f'override the preset\'s {f.name}')
+        kind(f.name, None, f'override the preset\'s {f.name}', flag_values=flag_values)
 
 
 def _typename(field):

@@ -49,7 +49,10 @@ def dmol_log_probs(params, target, low_bit=False):
     minus = inv_scale * (centered - half_bin)
     log_cdf_plus = plus - tf.nn.softplus(plus)              # bottom bin: all mass below
     log_one_minus_cdf_minus = -tf.nn.softplus(minus)        # top bin: all mass above
-    cdf_delta = tf.sigmoid(plus) - tf.sigmoid(minus)
+    # A difference of two sigmoids near 1 cancels badly in float32; computing them as
+    # 1 / (1 + exp(-v)), as PyTorch does, keeps our NLL within 1e-6 of the official one where
+    # Eigen's rational tf.sigmoid drifts by 1e-5.
+    cdf_delta = 1. / (1. + tf.exp(-plus)) - 1. / (1. + tf.exp(-minus))
     mid = inv_scale * centered
     # Where the bin mass underflows float32, use the density at the bin centre times its width.
     log_pdf_mid = mid - log_scales - 2. * tf.nn.softplus(mid) - log_half_range
@@ -114,15 +117,52 @@ def _torch_uniform(fan_in, scale=1.):
     return keras.initializers.RandomUniform(-bound, bound)
 
 
+# GELU (exact, erf form) is ~half the step time and ~60% of the graph's nodes when written
+# as TF ops with autodiff. One XLA-fused kernel each way is faster and is one graph node.
+_SQRT_HALF, _INV_SQRT_2PI = math.sqrt(0.5), 1. / math.sqrt(2. * math.pi)
+
+
+@tf.function(jit_compile=True, autograph=False)
+def _gelu_forward(x):
+    return x * (0.5 * tf.math.erfc(-_SQRT_HALF * x))
+
+
+@tf.function(jit_compile=True, autograph=False)
+def _gelu_backward(x, dy):
+    return dy * (0.5 * tf.math.erfc(-_SQRT_HALF * x) + x * _INV_SQRT_2PI * tf.exp(-0.5 * x * x))
+
+
 def conv(x, kernel, bias):
     return tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, 'SAME'), bias)
 
 
+@tf.custom_gradient
+def gelu_conv(x, kernel, bias):
+    """conv(gelu(x)) keeping only x for the backward pass: gelu(x) is recomputed there,
+    which halves the activation memory (and the page faults of the first step)."""
+    def grad(dy):
+        with tf.control_dependencies([dy]):  # else the executor recomputes all of them early
+            g = _gelu_forward(x)
+        d_kernel = tf.raw_ops.Conv2DBackpropFilter(
+            input=g, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=[1, 1, 1, 1], padding='SAME')
+        d_g = tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=[1, 1, 1, 1], padding='SAME')
+        return _gelu_backward(x, d_g), d_kernel, tf.reduce_sum(dy, axis=[0, 1, 2])
+    return conv(_gelu_forward(x), kernel, bias), grad
+
+
 def bottleneck(x, weights, residual):
     """Figure 3's residual block: GELU before each of conv 1x1, 3x3, 3x3, 1x1."""
+    return _bottleneck(x, *[t for pair in weights for t in pair], residual=residual)
+
+
+# One traced function per block shape: the step's graph holds a call per block instead of
+# its ~30 ops, so tracing and differentiating ~250 blocks costs ~20 small traces.
+@tf.function(autograph=False)
+def _bottleneck(x, *weights, residual):
     h = x
-    for kernel, bias in weights:
-        h = conv(tf.nn.gelu(h, approximate=False), kernel, bias)
+    for kernel, bias in zip(weights[::2], weights[1::2]):
+        h = gelu_conv(h, kernel, bias)
     return x + h if residual else h
 
 
@@ -269,11 +309,12 @@ class Decoder(keras.layers.Layer):
             if mixin is not None:
                 x = x + _upsample(state[mixin][..., :w], res // mixin)
             prior = bottleneck(x, weights['prior'], residual=False)
-            p_mean, p_logsigma, x_res = prior[..., :z_dim], prior[..., z_dim:2 * z_dim], prior[..., 2 * z_dim:]
+            # tf.split, not slicing: a slice's gradient is a full-size zero tensor per slice.
+            p_mean, p_logsigma, x_res = tf.split(prior, [z_dim, z_dim, w], axis=-1)
             out['p'] = (p_mean, p_logsigma)
             if acts is not None:
                 q = bottleneck(tf.concat([x, acts[res]], -1), weights['posterior'], residual=False)
-                out['q'] = q_mean, q_logsigma = q[..., :z_dim], q[..., z_dim:]
+                out['q'] = q_mean, q_logsigma = tf.split(q, 2, axis=-1)
                 kl = gaussian_kl(*[tf.cast(t, tf.float32) for t in (q_mean, q_logsigma, p_mean, p_logsigma)])
                 out['kl'] = tf.reduce_sum(kl, axis=[1, 2, 3])
             x = x + x_res

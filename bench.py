@@ -1,0 +1,85 @@
+"""Speed of the model on this machine: variables, time to the first train step, steady step time.
+
+    python bench.py --presets=cifar10,imagenet32 --batch=8 --steps=3
+
+The train step is fwd + bwd + AdamW on random data (the model's cost does not depend on the
+pixels). "first step" counts the trace, graph optimisation and the first run together: it is
+what a user waits for before training starts. Run nothing else while benchmarking.
+"""
+import os
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags
+import keras
+import numpy as np
+import tensorflow as tf
+
+import hparams
+import model as vdvae
+
+flags.DEFINE_list('presets', ['cifar10', 'imagenet32'], 'presets to measure')
+flags.DEFINE_integer('batch', 8, 'batch size')
+flags.DEFINE_integer('steps', 3, 'steady-state steps to time after the first')
+flags.DEFINE_boolean('grappler', False, 'keep Grappler graph optimisation on (slower start, see notes)')
+FLAGS = flags.FLAGS
+
+
+def configure_tf(grappler=False):
+    """Grappler spends ~15 s optimising this graph for no steady-state gain (tensorflow-notes)."""
+    if not grappler:
+        tf.config.optimizer.set_experimental_options({'disable_meta_optimizer': True})
+
+
+def bench_train_step(hp, batch, steps):
+    t0 = time.time()
+    model = vdvae.VDVAE(hp)
+    optimizer = keras.optimizers.AdamW(hp.lr, beta_1=hp.adam_beta1, beta_2=hp.adam_beta2,
+                                       epsilon=hp.adam_eps, weight_decay=hp.weight_decay)
+    optimizer.build(model.trainable_variables)   # else the first call traces twice
+    build = time.time() - t0
+    shape = (batch, hp.image_size, hp.image_size, 3)
+    rng = np.random.default_rng(0)
+    x_in = tf.constant(rng.normal(size=shape), tf.float32)
+    target = tf.constant(rng.integers(0, 256, size=shape) / 127.5 - 1., tf.float32)
+
+    @tf.function(autograph=False)
+    def step(x_in, target, seed):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(model.losses_per_image(x_in, target, seed=seed)['elbo'])
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        return loss
+
+    t0 = time.time()
+    step.get_concrete_function(x_in, target, tf.constant([0, 0]))
+    trace = time.time() - t0
+    loss = step(x_in, target, tf.constant([0, 0])).numpy()
+    first = time.time() - t0
+    times = []
+    for i in range(steps):
+        t0 = time.time()
+        loss = step(x_in, target, tf.constant([i + 1, 0])).numpy()
+        times.append(time.time() - t0)
+    assert np.isfinite(loss), loss
+    return dict(variables=len(model.trainable_variables), params=vdvae.count_params(model),
+                build=build, trace=trace, first=first, step=float(np.median(times)),
+                img_s=batch / float(np.median(times)))
+
+
+def main(_):
+    configure_tf(FLAGS.grappler)
+    print(f'tensorflow {tf.__version__}, keras {keras.__version__}, {os.cpu_count()} cpus, '
+          f'grappler {"on" if FLAGS.grappler else "off"}')
+    print(f'{"preset":<11} {"batch":>5} {"vars":>5} {"params":>12} {"build s":>8} {"trace s":>8} '
+          f'{"first step s":>12} {"step s":>7} {"img/s":>6}')
+    for name in FLAGS.presets:
+        hp = hparams.exit_on_error(hparams.load, name)
+        r = bench_train_step(hp, FLAGS.batch, FLAGS.steps)
+        print(f'{name:<11} {FLAGS.batch:>5} {r["variables"]:>5} {r["params"]:>12,} {r["build"]:>8.1f} '
+              f'{r["trace"]:>8.1f} {r["first"]:>12.1f} {r["step"]:>7.2f} {r["img_s"]:>6.2f}', flush=True)
+
+
+if __name__ == '__main__':
+    app.run(main)

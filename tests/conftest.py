@@ -1,0 +1,25 @@
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'spec')
+
+
+@pytest.fixture(scope='session')
+def spec_dir():
+    if not os.path.isdir(SPEC):
+        pytest.skip(f'shared spec folder not found at {SPEC}')
+    return SPEC
+
+
+@pytest.fixture(scope='session')
+def tiny_model():
+    import keras
+    import hparams
+    import model
+    keras.utils.set_random_seed(1)
+    return model.VDVAE(hparams.load('tiny'))

@@ -1,0 +1,200 @@
+"""The architecture: exact parameter counts, the public API, and a trainable graph."""
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import hparams
+import model
+
+OFFICIAL_COUNTS = dict(cifar10=39_145_700, imagenet32=119_280_868, imagenet64=125_005_860,
+                       ffhq256=114_874_852, ffhq1024=109_366_904)
+
+
+@pytest.mark.parametrize('preset', list(OFFICIAL_COUNTS))
+def test_parameter_count_equals_the_official_model(preset):
+    m = model.VDVAE(hparams.load(preset))
+    assert model.count_params(m) == OFFICIAL_COUNTS[preset]
+    # Stacked per-resolution weights keep the graph small: at most 26 variables per
+    # decoder stage and 8 per encoder stage, whatever the depth.
+    stages = len(m.decoder.stages) + len(m.encoder.stages)
+    assert len(m.trainable_variables) <= 26 * stages + 8
+
+
+def _batch(hp, n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    size = hp.image_size
+    # Smooth blobs, not noise: something a tiny model can learn in a few dozen steps.
+    yy, xx = np.mgrid[:size, :size] / size
+    imgs = []
+    for _ in range(n):
+        cx, cy, r = rng.uniform(0.3, 0.7, 3)
+        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (0.05 + 0.1 * r))
+        imgs.append(np.stack([blob * rng.uniform(100, 255) for _ in range(3)], -1))
+    x = np.clip(np.array(imgs), 0, 255).astype(np.uint8)
+    return ((x - 120.63838) / 64.16736).astype(np.float32), (x / 127.5 - 1.).astype(np.float32)
+
+
+def test_losses_are_finite_with_finite_gradients_for_every_variable(tiny_model):
+    x_in, target = _batch(tiny_model.hp)
+    with tf.GradientTape() as tape:
+        out = tiny_model.losses_per_image(x_in, target, seed=[1, 2])
+        loss = tf.reduce_mean(out['elbo'])
+    for k in ('elbo', 'distortion', 'rate'):
+        assert out[k].shape == (4,) and np.all(np.isfinite(out[k]))
+    np.testing.assert_allclose(out['elbo'], out['distortion'] + out['rate'], rtol=1e-6)
+    assert np.all(out['rate'].numpy() >= 0)
+    grads = tape.gradient(loss, tiny_model.trainable_variables)
+    for v, g in zip(tiny_model.trainable_variables, grads):
+        assert g is not None, v.path
+        assert np.all(np.isfinite(g)), v.path
+        # At initialisation the zero last prior conv passes no gradient back to the prior's
+        # other convs, and the first layer's prior reads the all-zero initial state, so its
+        # kernels see zero inputs. Every other variable, zero-initialised ones included,
+        # must get a gradient.
+        first = f'dec{tiny_model.decoder.blocks[0][0]}_prior/c4_kernel'
+        if not ('_prior/c' in v.path and '/c4_' not in v.path) and first not in v.path:
+            assert np.any(g.numpy() != 0), f'{v.path} gets no gradient'
+
+
+def test_zero_initialised_prior_and_scaled_inits(tiny_model):
+    d = tiny_model.decoder
+    for stage in d.stages.values():
+        assert not np.any(stage.prior.kernels[3].numpy())
+        fan_in = stage.z_kernel.shape[-2]
+        bound = math.sqrt(1 / len(d.blocks)) / math.sqrt(fan_in)
+        assert np.abs(stage.z_kernel.numpy()).max() <= bound
+        assert np.abs(stage.z_kernel.numpy()).max() > 0.8 * bound
+    for v in tiny_model.weights:
+        if v.path.endswith('bias') or 'bias_state' in v.path:
+            assert not np.any(v.numpy()), v.path
+    assert np.all(d.gain.numpy() == 1)
+
+
+def test_the_elbo_decreases_when_training_on_a_fixed_batch():
+    keras.utils.set_random_seed(0)
+    m = model.VDVAE(hparams.load('tiny'))
+    x_in, target = _batch(m.hp, n=8, seed=1)
+    opt = keras.optimizers.Adam(2e-3)
+    opt.build(m.trainable_variables)
+
+    @tf.function(autograph=False)
+    def step(i):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(m.losses_per_image(x_in, target, seed=tf.stack([i, 0]))['elbo'])
+        opt.apply(tape.gradient(loss, m.trainable_variables), m.trainable_variables)
+        return loss
+
+    losses = [float(step(tf.constant(i))) for i in range(40)]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_posterior_latents_have_one_tensor_per_layer_in_order(tiny_model):
+    x_in, _ = _batch(tiny_model.hp, n=3)
+    zs = tiny_model.posterior_latents(x_in, seed=[0, 1])
+    blocks = hparams.parse_blocks(tiny_model.hp.dec_blocks)
+    assert tiny_model.num_layers == len(blocks) == len(zs)
+    assert [z.shape for z in zs] == [(3, r, r, tiny_model.hp.zdim) for r, _ in blocks]
+
+
+def test_decoding_the_full_posterior_latents_reproduces_the_training_path(tiny_model):
+    x_in, _ = _batch(tiny_model.hp, n=3)
+    acts = tiny_model.encoder.activations(x_in)
+    params, layers = tiny_model.decoder.top_down(3, acts=acts, seed=[4, 5])
+    again = tiny_model.decode([l['z'] for l in layers], temperature=0.3, seed=[9, 9])
+    np.testing.assert_array_equal(again.numpy(), params.numpy())
+
+
+def test_decoding_some_latents_keeps_them_and_draws_the_rest(tiny_model):
+    x_in, _ = _batch(tiny_model.hp, n=2)
+    zs = tiny_model.posterior_latents(x_in, seed=[0, 1])
+    a = tiny_model.decode(zs[:3], temperature=1., seed=[1, 1]).numpy()
+    b = tiny_model.decode(zs[:3], temperature=1., seed=[2, 2]).numpy()
+    assert not np.allclose(a, b)          # the rest come from the prior
+    images = tiny_model.decode_images(zs[:3], temperature=0.5, seed=[3, 3]).numpy()
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+
+
+def test_temperature_zero_is_deterministic_given_the_bias_states(tiny_model):
+    for v in tiny_model.decoder.bias_states.values():     # non-trivial initial states
+        v.assign(np.random.default_rng(0).normal(size=v.shape).astype(np.float32))
+    for stage in tiny_model.decoder.stages.values():      # a prior that is not N(0, 1)
+        stage.prior.kernels[3].assign(np.random.default_rng(1).normal(
+            scale=0.05, size=stage.prior.kernels[3].shape).astype(np.float32))
+    try:
+        cold = [tiny_model.decode([], n=2, temperature=0., seed=[s, 0]).numpy() for s in (1, 2)]
+        np.testing.assert_array_equal(cold[0], cold[1])
+        warm = [tiny_model.decode([], n=2, temperature=1., seed=[s, 0]).numpy() for s in (1, 2)]
+        assert not np.allclose(warm[0], warm[1])
+        per_layer = np.zeros(tiny_model.num_layers, np.float32)
+        np.testing.assert_array_equal(tiny_model.decode([], n=2, temperature=per_layer, seed=[3, 0]), cold[0])
+    finally:
+        for v in tiny_model.decoder.bias_states.values():
+            v.assign(np.zeros(v.shape, np.float32))
+        for stage in tiny_model.decoder.stages.values():
+            stage.prior.kernels[3].assign(np.zeros(stage.prior.kernels[3].shape, np.float32))
+
+
+def test_sample_returns_images_and_refuses_a_wrong_schedule(tiny_model):
+    images = tiny_model.sample(5, temperature=0.7, seed=[1, 2])
+    assert images.shape == (5, 16, 16, 3) and images.dtype == tf.uint8
+    assert np.array_equal(images.numpy(), tiny_model.sample(5, temperature=0.7, seed=[1, 2]).numpy())
+    with pytest.raises(ValueError, match='schedule has 3 values; the decoder has 10 layers'):
+        tiny_model.sample(2, temperature=[1., 1., 1.])
+
+
+def test_rate_per_layer_sums_to_the_rate(tiny_model):
+    x_in, target = _batch(tiny_model.hp, n=3)
+    per_layer = tiny_model.rate_per_layer(x_in, seed=[5, 6]).numpy()
+    assert per_layer.shape == (3, tiny_model.num_layers) and np.all(per_layer >= 0)
+    rate = tiny_model.losses_per_image(x_in, target, seed=[5, 6])['rate'].numpy()
+    np.testing.assert_allclose(per_layer.sum(1), rate, rtol=1e-5)
+
+
+def test_custom_widths_pad_channels_and_build():
+    hp = hparams.load('tiny', width=16, custom_width_str='8:32,4:32,1:32')
+    m = model.VDVAE(hp)
+    x_in, target = _batch(hp, n=2)
+    acts = m.encoder.activations(x_in)
+    assert {r: a.shape[-1] for r, a in acts.items()} == {16: 16, 8: 32, 4: 32, 1: 32}
+    assert np.all(np.isfinite(m.losses_per_image(x_in, target)['elbo']))
+
+
+def test_gelu_conv_is_conv_of_the_exact_erf_gelu_with_its_gradients():
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(scale=3., size=(2, 5, 5, 3)), tf.float32)
+    k = tf.constant(rng.normal(size=(3, 3, 3, 4)), tf.float32)
+    b = tf.constant(rng.normal(size=(4,)), tf.float32)
+    w = tf.constant(rng.normal(size=(2, 5, 5, 4)), tf.float32)     # a loss that weighs outputs
+    results = []
+    for f in (model.gelu_conv, lambda x, k, b: model.conv(tf.nn.gelu(x, approximate=False), k, b)):
+        with tf.GradientTape() as tape:
+            tape.watch([x, k, b])
+            y = f(x, k, b)
+            loss = tf.reduce_sum(w * y)
+        results.append([y] + tape.gradient(loss, [x, k, b]))
+    for ours, ref in zip(*results):
+        np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_official_checkpoint_reproduces_the_official_outputs(spec_dir):
+    import convert
+    case_dir = os.path.join(spec_dir, 'official_case')
+    cfg = json.load(open(os.path.join(case_dir, 'hparams.json')))
+    keys = ('width', 'zdim', 'bottleneck_multiple', 'num_mixtures', 'no_bias_above',
+            'enc_blocks', 'dec_blocks', 'custom_width_str', 'image_size', 'low_bit')
+    m = model.VDVAE(hparams.load('tiny', **{k: cfg[k] for k in keys}))
+    convert.load_official(m, convert.read_state_dict(os.path.join(case_dir, 'official.th')))
+    case = np.load(os.path.join(case_dir, 'case.npz'))
+    latents = [case[f'z{i}'] for i in range(m.num_layers)]
+    np.testing.assert_allclose(m.decode(latents).numpy(), case['params'], atol=1e-5)
+    np.testing.assert_allclose(model.dmol_nll(case['params'], case['target']).numpy(), case['nll'], rtol=1e-6)
+    elbo = tf.function(lambda s: tf.reduce_mean(m.losses_per_image(case['x_in'], case['target'], seed=s)['elbo']))
+    draws = np.array([float(elbo(tf.constant([i, 11]))) for i in range(64)])
+    # The mean of 64 draws has standard error elbo_std / 8.
+    assert abs(draws.mean() - case['elbo_mean']) < 4 * case['elbo_std'] / math.sqrt(64) + 1e-6
+    assert 0.5 < draws.std() / case['elbo_std'] < 2
