@@ -1,6 +1,7 @@
 """Speed of the model on this machine: variables, time to the first train step, steady step time.
 
     python bench.py --presets=cifar10,imagenet32 --batch=8 --steps=3
+    python bench.py --presets=cifar10 --layout=naive     # the baseline it is compared with
 
 The train step is fwd + bwd + AdamW on random data (the model's cost does not depend on the
 pixels). "first step" counts the trace, graph optimisation and the first run together: it is
@@ -11,7 +12,7 @@ import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app, flags
+from absl import flags
 import keras
 import numpy as np
 import tensorflow as tf
@@ -22,8 +23,41 @@ import model as vdvae
 flags.DEFINE_list('presets', ['cifar10', 'imagenet32'], 'presets to measure')
 flags.DEFINE_integer('batch', 8, 'batch size')
 flags.DEFINE_integer('steps', 3, 'steady-state steps to time after the first')
-flags.DEFINE_boolean('grappler', False, 'keep Grappler graph optimisation on (slower start, see notes)')
+flags.DEFINE_boolean('grappler', None, 'Grappler graph optimisation (default: off for the '
+                     'stacked layout, where it only slows the start; on for the naive one)')
+flags.DEFINE_enum('layout', 'stacked', ['stacked', 'naive'],
+                  "stacked: this project's model; naive: the same model with one variable per "
+                  'conv kernel and bias, TF-op GELU with autodiff and no per-block functions')
 FLAGS = flags.FLAGS
+
+
+class PerBlockParams(vdvae.ParamStack):
+    """Baseline layout: one variable per conv kernel and bias of every block, as a direct
+    port of the PyTorch code would have."""
+
+    def __init__(self, n, pieces, **kwargs):
+        keras.layers.Layer.__init__(self, **kwargs)
+        self.n, self.pieces = n, list(pieces)
+        init = lambda b: keras.initializers.RandomUniform(-b, b) if b else 'zeros'
+        self.per_block = [[self.add_weight(shape=shape, initializer=init(bound), name=f'{j}_{name.replace("/", "_")}')
+                           for name, shape, bound in pieces] for j in range(n)]
+        self.built = True
+
+    def unstack(self, dtype):
+        return [{name: tf.cast(v, dtype) for (name, _, _), v in zip(self.pieces, block)}
+                for block in self.per_block]
+
+
+def naive_bottleneck(x, *weights, residual):
+    h = x
+    for kernel, bias in zip(weights[::2], weights[1::2]):
+        h = vdvae.conv(tf.nn.gelu(h, approximate=False), kernel, bias)
+    return x + h if residual else h
+
+
+def use_naive_layout():
+    vdvae.ParamStack = PerBlockParams
+    vdvae._bottleneck = naive_bottleneck
 
 
 def configure_tf(grappler=False):
@@ -69,9 +103,12 @@ def bench_train_step(hp, batch, steps):
 
 
 def main(_):
-    configure_tf(FLAGS.grappler)
+    grappler = FLAGS.layout == 'naive' if FLAGS.grappler is None else FLAGS.grappler
+    configure_tf(grappler)
+    if FLAGS.layout == 'naive':
+        use_naive_layout()
     print(f'tensorflow {tf.__version__}, keras {keras.__version__}, {os.cpu_count()} cpus, '
-          f'grappler {"on" if FLAGS.grappler else "off"}')
+          f'layout {FLAGS.layout}, grappler {"on" if grappler else "off"}')
     print(f'{"preset":<11} {"batch":>5} {"vars":>5} {"params":>12} {"build s":>8} {"trace s":>8} '
           f'{"first step s":>12} {"step s":>7} {"img/s":>6}')
     for name in FLAGS.presets:
@@ -82,4 +119,4 @@ def main(_):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    hparams.run(main)

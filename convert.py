@@ -95,59 +95,63 @@ def _nchw(w):
 
 
 def official_layout(model):
-    """(official key, our variable, stack index or None, official -> ours array transform),
-    for every tensor of the official state_dict of this configuration."""
+    """(official key, variable or ParamStack, piece name or None, block index or None,
+    official -> ours array transform), for every tensor of this configuration's state_dict."""
     enc, dec = model.encoder, model.decoder
-    rows = [('encoder.in_conv.weight', enc.in_kernel, None, _conv_kernel),
-            ('encoder.in_conv.bias', enc.in_bias, None, None)]
+    rows = [('encoder.in_conv.weight', enc.in_kernel, None, None, _conv_kernel),
+            ('encoder.in_conv.bias', enc.in_bias, None, None, None)]
 
-    def block(prefix, stack, j):
-        for k in range(4):
-            rows.append((f'{prefix}.c{k + 1}.weight', stack.kernels[k], j, _conv_kernel))
-            rows.append((f'{prefix}.c{k + 1}.bias', stack.biases[k], j, None))
+    def block(prefix, stack, role, j):
+        for k in range(1, 5):
+            rows.append((f'{prefix}.c{k}.weight', stack, f'{role}c{k}_kernel', j, _conv_kernel))
+            rows.append((f'{prefix}.c{k}.bias', stack, f'{role}c{k}_bias', j, None))
 
     seen = collections.Counter()
     for i, (res, _) in enumerate(parse_blocks(model.hp.enc_blocks)):
-        block(f'encoder.enc_blocks.{i}', enc.stages[res], seen[res])
+        block(f'encoder.enc_blocks.{i}', enc.stages[res], '', seen[res])
         seen[res] += 1
     seen = collections.Counter()
     for i, (res, _) in enumerate(parse_blocks(model.hp.dec_blocks)):
         stage, j, p = dec.stages[res], seen[res], f'decoder.dec_blocks.{i}'
-        block(f'{p}.enc', stage.posterior, j)
-        block(f'{p}.prior', stage.prior, j)
-        block(f'{p}.resnet', stage.resnet, j)
-        rows.append((f'{p}.z_proj.weight', stage.z_kernel, j, _conv_kernel))
-        rows.append((f'{p}.z_proj.bias', stage.z_bias, j, None))
+        block(f'{p}.enc', stage, 'posterior/', j)
+        block(f'{p}.prior', stage, 'prior/', j)
+        block(f'{p}.resnet', stage, 'resnet/', j)
+        rows.append((f'{p}.z_proj.weight', stage, 'z_proj/kernel', j, _conv_kernel))
+        rows.append((f'{p}.z_proj.bias', stage, 'z_proj/bias', j, None))
         seen[res] += 1
     for k, res in enumerate(sorted(dec.bias_states)):
-        rows.append((f'decoder.bias_xs.{k}', dec.bias_states[res], None, _nchw))
-    rows += [('decoder.gain', dec.gain, None, np.ravel), ('decoder.bias', dec.bias, None, np.ravel),
-             ('decoder.out_net.out_conv.weight', dec.out_kernel, None, _conv_kernel),
-             ('decoder.out_net.out_conv.bias', dec.out_bias, None, None)]
+        rows.append((f'decoder.bias_xs.{k}', dec.bias_states[res], None, None, _nchw))
+    rows += [('decoder.gain', dec.gain, None, None, np.ravel),
+             ('decoder.bias', dec.bias, None, None, np.ravel),
+             ('decoder.out_net.out_conv.weight', dec.out_kernel, None, None, _conv_kernel),
+             ('decoder.out_net.out_conv.bias', dec.out_bias, None, None, None)]
     return rows
 
 
 def load_official(model, state_dict):
     """Fill every variable of `model` from an official state_dict; every key must be used."""
     layout = official_layout(model)
-    expected = {key for key, *_ in layout}
+    expected = {row[0] for row in layout}
     unexpected = sorted(set(state_dict) - expected)
     missing = sorted(expected - set(state_dict))
     if missing or unexpected:
         raise CheckpointError(f'checkpoint does not match the hyperparameters: missing '
                               f'{missing[:5]}{"..." if len(missing) > 5 else ""}, unexpected '
                               f'{unexpected[:5]}{"..." if len(unexpected) > 5 else ""}')
-    values = {id(v): np.array(v.numpy()) for _, v, _, _ in layout}
-    for key, var, j, transform in layout:
-        tensor = state_dict[key]
-        tensor = transform(tensor) if transform is not None else tensor
-        target_shape = var.shape[1:] if j is not None else var.shape
-        if tuple(tensor.shape) != tuple(target_shape):
+    values = {}      # variable -> the numpy array it will hold
+    for key, holder, piece, j, transform in layout:
+        tensor = state_dict[key] if transform is None else transform(state_dict[key])
+        var = holder if piece is None else holder.params
+        values.setdefault(var.path, (var, np.array(var.numpy())))
+        array = values[var.path][1]
+        shape = tuple(var.shape) if piece is None else tuple(holder.pieces[holder.index[piece]][1])
+        if tuple(tensor.shape) != shape:
             raise CheckpointError(f'{key}: shape {tuple(state_dict[key].shape)} does not fit '
-                                  f'{var.path} {tuple(target_shape)} after layout change')
-        if j is None:
-            values[id(var)] = tensor
+                                  f'{var.path}{"/" + piece if piece else ""} {shape}')
+        if piece is None:
+            array[...] = tensor
         else:
-            values[id(var)][j] = tensor
-    for var in {id(v): v for _, v, _, _ in layout}.values():
-        var.assign(values[id(var)].astype(np.float32))
+            start = sum(holder.sizes[:holder.index[piece]])
+            array[j, start:start + tensor.size] = tensor.ravel()
+    for var, array in values.values():
+        var.assign(array.astype(np.float32))

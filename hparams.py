@@ -229,9 +229,27 @@ def from_flags(flag_values=None):
     return load(fv.hparams, **overrides)
 
 
+def run(main):
+    """absl's app.run, with flag errors (unknown flag, bad value) as one line and exit status 2."""
+    from absl import app
+
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            fail(e)
+    app.run(main, flags_parser=parse)
+
+
 def exit_on_error(fn, *args, **kwargs):
     """Run fn; an HParamsError becomes one line on stderr and exit status 2."""
     try:
         return fn(*args, **kwargs)
     except HParamsError as e:
-        sys.exit(f'error: {e}')
+        fail(e)
+
+
+def fail(message):
+    """The one-line error our scripts end with: no traceback, exit status 2."""
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)

@@ -70,7 +70,7 @@ def test_a_script_reports_a_bad_preset_in_one_line():
     r = subprocess.run([sys.executable, os.path.join(root, 'bench.py'), '--presets=cifar100'],
                        capture_output=True, text=True, cwd=root, timeout=120,
                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
-    assert r.returncode != 0
+    assert r.returncode == 2
     errors = [l for l in r.stderr.splitlines() if l.startswith('error:')]
     assert errors == ["error: unknown preset 'cifar100'; choose one of: "
                       "cifar10, imagenet32, imagenet64, ffhq256, ffhq1024, tiny, demo"]

@@ -19,10 +19,10 @@ OFFICIAL_COUNTS = dict(cifar10=39_145_700, imagenet32=119_280_868, imagenet64=12
 def test_parameter_count_equals_the_official_model(preset):
     m = model.VDVAE(hparams.load(preset))
     assert model.count_params(m) == OFFICIAL_COUNTS[preset]
-    # Stacked per-resolution weights keep the graph small: at most 26 variables per
-    # decoder stage and 8 per encoder stage, whatever the depth.
+    # One variable per resolution stage keeps the graph small whatever the depth:
+    # the stages plus in_conv, bias states, gain, bias and the output head.
     stages = len(m.decoder.stages) + len(m.encoder.stages)
-    assert len(m.trainable_variables) <= 26 * stages + 8
+    assert len(m.trainable_variables) == stages + 2 + len(m.decoder.bias_states) + 4
 
 
 def _batch(hp, n=4, seed=0):
@@ -48,27 +48,40 @@ def test_losses_are_finite_with_finite_gradients_for_every_variable(tiny_model):
         assert out[k].shape == (4,) and np.all(np.isfinite(out[k]))
     np.testing.assert_allclose(out['elbo'], out['distortion'] + out['rate'], rtol=1e-6)
     assert np.all(out['rate'].numpy() >= 0)
-    grads = tape.gradient(loss, tiny_model.trainable_variables)
-    for v, g in zip(tiny_model.trainable_variables, grads):
-        assert g is not None, v.path
-        assert np.all(np.isfinite(g)), v.path
-        # At initialisation the zero last prior conv passes no gradient back to the prior's
-        # other convs, and the first layer's prior reads the all-zero initial state, so its
-        # kernels see zero inputs. Every other variable, zero-initialised ones included,
-        # must get a gradient.
-        first = f'dec{tiny_model.decoder.blocks[0][0]}_prior/c4_kernel'
-        if not ('_prior/c' in v.path and '/c4_' not in v.path) and first not in v.path:
-            assert np.any(g.numpy() != 0), f'{v.path} gets no gradient'
+    grads = dict(zip([v.path for v in tiny_model.trainable_variables],
+                     tape.gradient(loss, tiny_model.trainable_variables)))
+    for path, g in grads.items():
+        assert g is not None and np.all(np.isfinite(g)), path
+        if 'dec' not in path:
+            assert np.any(g.numpy() != 0), f'{path} gets no gradient'
+    # Per piece of the stacked decoder weights. At initialisation the zero last prior conv
+    # passes no gradient back to the prior's other convs, and the first layer's prior reads
+    # the all-zero initial state, so its last kernel sees zero inputs. Every other piece,
+    # zero-initialised ones included, must get a gradient.
+    first_stage = tiny_model.decoder.blocks[0][0]
+    for res, stage in tiny_model.decoder.stages.items():
+        g = grads[stage.params.path].numpy()
+        for (name, _, _), size, start in zip(stage.pieces, stage.sizes, np.cumsum([0] + stage.sizes)):
+            if name.startswith('prior/c') and not name.startswith('prior/c4'):
+                continue
+            if name == 'prior/c4_kernel' and res == first_stage:
+                continue
+            assert np.any(g[:, start:start + size] != 0), f'dec{res} {name} gets no gradient'
 
 
 def test_zero_initialised_prior_and_scaled_inits(tiny_model):
     d = tiny_model.decoder
     for stage in d.stages.values():
-        assert not np.any(stage.prior.kernels[3].numpy())
-        fan_in = stage.z_kernel.shape[-2]
-        bound = math.sqrt(1 / len(d.blocks)) / math.sqrt(fan_in)
-        assert np.abs(stage.z_kernel.numpy()).max() <= bound
-        assert np.abs(stage.z_kernel.numpy()).max() > 0.8 * bound
+        assert not np.any(stage.piece('prior/c4_kernel'))
+        z_kernel = np.abs(stage.piece('z_proj/kernel'))
+        bound = math.sqrt(1 / len(d.blocks)) / math.sqrt(tiny_model.hp.zdim)
+        assert bound * 0.8 < z_kernel.max() <= bound
+        c2 = np.abs(stage.piece('posterior/c2_kernel'))
+        fan_in = np.prod(c2.shape[1:4])
+        assert 1 / math.sqrt(fan_in) * 0.8 < c2.max() <= 1 / math.sqrt(fan_in)
+        for name, _, _ in stage.pieces:
+            if name.endswith('bias'):
+                assert not np.any(stage.piece(name)), name
     for v in tiny_model.weights:
         if v.path.endswith('bias') or 'bias_state' in v.path:
             assert not np.any(v.numpy()), v.path
@@ -122,9 +135,9 @@ def test_decoding_some_latents_keeps_them_and_draws_the_rest(tiny_model):
 def test_temperature_zero_is_deterministic_given_the_bias_states(tiny_model):
     for v in tiny_model.decoder.bias_states.values():     # non-trivial initial states
         v.assign(np.random.default_rng(0).normal(size=v.shape).astype(np.float32))
+    saved = {r: s.params.numpy() for r, s in tiny_model.decoder.stages.items()}
     for stage in tiny_model.decoder.stages.values():      # a prior that is not N(0, 1)
-        stage.prior.kernels[3].assign(np.random.default_rng(1).normal(
-            scale=0.05, size=stage.prior.kernels[3].shape).astype(np.float32))
+        stage.params.assign(saved_noise(stage.params.shape))
     try:
         cold = [tiny_model.decode([], n=2, temperature=0., seed=[s, 0]).numpy() for s in (1, 2)]
         np.testing.assert_array_equal(cold[0], cold[1])
@@ -135,8 +148,12 @@ def test_temperature_zero_is_deterministic_given_the_bias_states(tiny_model):
     finally:
         for v in tiny_model.decoder.bias_states.values():
             v.assign(np.zeros(v.shape, np.float32))
-        for stage in tiny_model.decoder.stages.values():
-            stage.prior.kernels[3].assign(np.zeros(stage.prior.kernels[3].shape, np.float32))
+        for r, stage in tiny_model.decoder.stages.items():
+            stage.params.assign(saved[r])
+
+
+def saved_noise(shape):
+    return np.random.default_rng(1).normal(scale=0.05, size=shape).astype(np.float32)
 
 
 def test_sample_returns_images_and_refuses_a_wrong_schedule(tiny_model):
