@@ -48,16 +48,16 @@ class PerBlockParams(vdvae.ParamStack):
                 for block in self.per_block]
 
 
-def naive_bottleneck(x, *weights, residual):
+def naive_bottleneck(x, weights, residual):
     h = x
-    for kernel, bias in zip(weights[::2], weights[1::2]):
+    for kernel, bias in weights:
         h = vdvae.conv(tf.nn.gelu(h, approximate=False), kernel, bias)
     return x + h if residual else h
 
 
 def use_naive_layout():
     vdvae.ParamStack = PerBlockParams
-    vdvae._bottleneck = naive_bottleneck
+    vdvae.bottleneck = naive_bottleneck
 
 
 def configure_tf(grappler=False):

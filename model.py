@@ -154,12 +154,20 @@ def gelu_conv(x, kernel, bias):
 
 def bottleneck(x, weights, residual):
     """Figure 3's residual block: GELU before each of conv 1x1, 3x3, 3x3, 1x1."""
-    return _bottleneck(x, *[t for pair in weights for t in pair], residual=residual)
+    flat = [t for pair in weights for t in pair]
+    key = (residual, x.dtype, tuple(x.shape), tuple(tuple(t.shape) for t in flat))
+    if key not in _BLOCK_FUNCTIONS:
+        _BLOCK_FUNCTIONS[key] = tf.function(
+            lambda x, *w: _bottleneck(x, *w, residual=residual), autograph=False)
+    return _BLOCK_FUNCTIONS[key](x, *flat)
 
 
 # One traced function per block shape: the step's graph holds a call per block instead of
-# its ~30 ops, so tracing and differentiating ~250 blocks costs ~20 small traces.
-@tf.function(autograph=False)
+# its ~30 ops, so tracing and differentiating ~250 blocks costs ~20 small traces. (One
+# tf.function per shape, not one retracing function: that one would warn on every model.)
+_BLOCK_FUNCTIONS = {}
+
+
 def _bottleneck(x, *weights, residual):
     h = x
     for kernel, bias in zip(weights[::2], weights[1::2]):
