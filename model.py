@@ -100,6 +100,14 @@ def gaussian_kl(q_mean, q_logsigma, p_mean, p_logsigma):
             + 0.5 * (tf.exp(q_logsigma) ** 2 + (q_mean - p_mean) ** 2) / tf.exp(p_logsigma) ** 2)
 
 
+def _normal(shape, seed, rows=None):
+    if rows is None:
+        return tf.random.stateless_normal(shape, seed)
+    offset, total = rows
+    full = tf.random.stateless_normal(tf.concat([[total], shape[1:]], 0), seed)
+    return full[offset:offset + shape[0]]
+
+
 def _split_seed(seed, n):
     """n independent stateless seeds (n, 2) from one [2] seed, or from the global RNG if None."""
     if seed is None:
@@ -318,11 +326,13 @@ class Decoder(keras.layers.Layer):
         self.out_bias = self.add_weight(shape=(10 * hp.num_mixtures,), initializer='zeros', name='out_bias')
         self.built = True
 
-    def top_down(self, n, acts=None, latents=(), temperatures=None, seed=None):
+    def top_down(self, n, acts=None, latents=(), temperatures=None, seed=None, noise_rows=None):
         """Run every DecBlock in order. With `acts` (the encoder's), z comes from the posterior
         and each layer reports its KL; without, from the prior at `temperatures[i]`. The first
         len(latents) layers use the given latents instead. Returns (DMoL params, per-layer dicts
-        with z, the prior's (p_mean, p_logsigma) and, on the posterior path, q and kl)."""
+        with z, the prior's (p_mean, p_logsigma) and, on the posterior path, q and kl).
+        noise_rows=(offset, total): draw noise for a batch of `total` images and use rows
+        offset..offset+n, so a replica's images get the noise they would get in one batch."""
         dtype, z_dim = self.compute_dtype, self.hp.zdim
         noise_seeds = _split_seed(seed, len(self.blocks))
         stages = _Stages({r: s.unstack(dtype) for r, s in self.stages.items()})
@@ -348,7 +358,7 @@ class Decoder(keras.layers.Layer):
             if i < len(latents):
                 z = tf.cast(latents[i], dtype)
             else:
-                eps = tf.cast(tf.random.stateless_normal(tf.shape(p_mean), noise_seeds[i]), dtype)
+                eps = tf.cast(_normal(tf.shape(p_mean), noise_seeds[i], noise_rows), dtype)
                 if acts is not None:
                     z = q_mean + tf.exp(q_logsigma) * eps
                 else:
@@ -382,8 +392,8 @@ class VDVAE(keras.Model):
     def call(self, inputs, seed=None):
         return self.losses_per_image(*inputs, seed=seed)
 
-    def losses_per_image(self, x_in, target, seed=None):
-        params, layers = self._posterior_pass(x_in, seed)
+    def losses_per_image(self, x_in, target, seed=None, noise_rows=None):
+        params, layers = self._posterior_pass(x_in, seed, noise_rows)
         distortion = dmol_nll(params, target, self.hp.low_bit)
         rate = tf.add_n([l['kl'] for l in layers]) / self._dims()
         return dict(elbo=distortion + rate, distortion=distortion, rate=rate)
@@ -425,9 +435,9 @@ class VDVAE(keras.Model):
                              f'{self.num_layers} layers (give one value, or one per layer)')
         return t
 
-    def _posterior_pass(self, x_in, seed):
+    def _posterior_pass(self, x_in, seed, noise_rows=None):
         acts = self.encoder.activations(x_in)
-        return self.decoder.top_down(tf.shape(x_in)[0], acts=acts, seed=seed)
+        return self.decoder.top_down(tf.shape(x_in)[0], acts=acts, seed=seed, noise_rows=noise_rows)
 
     def _dims(self):
         return float(self.hp.image_size ** 2 * self.hp.image_channels)
