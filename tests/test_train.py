@@ -1,0 +1,108 @@
+"""The update rule under tf.distribute: same result on one device and on two replicas,
+skipped updates that leave everything untouched, EMA and warm-up arithmetic."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import hparams
+import train
+
+
+def _batch(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(n, 16, 16, 3))
+    return ((x - 127.5) / 64.).astype(np.float32), (x / 127.5 - 1.).astype(np.float32)
+
+
+def _mirrored():
+    return tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+
+
+def _run(strategy, hp, batches):
+    keras.utils.set_random_seed(0)
+    state = train.create_state(hp, strategy)
+    step = train.make_train_step(state, hp, strategy)
+    outs = []
+    for x_in, target in batches:
+        if strategy.num_replicas_in_sync > 1:
+            ds = tf.data.Dataset.from_tensor_slices((x_in, target)).batch(len(x_in))
+            x_in, target = next(iter(strategy.experimental_distribute_dataset(ds)))
+        outs.append({k: float(v) for k, v in step(x_in, target).items()})
+    return state, outs
+
+
+def _snapshot(state):
+    return dict(weights=[v.numpy() for v in state.model.weights], ema=[e.numpy() for e in state.ema],
+                optimizer=[v.numpy() for v in state.optimizer.variables])
+
+
+def test_two_replicas_match_one_device_for_the_same_global_batch():
+    hp = hparams.load('tiny', warmup_iters=2)
+    batches = [_batch(seed=i) for i in range(3)]
+    one, outs_one = _run(tf.distribute.get_strategy(), hp, batches)
+    two, outs_two = _run(_mirrored(), hp, batches)
+    for a, b in zip(outs_one, outs_two):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    for a, b in zip(_snapshot(one)['weights'], _snapshot(two)['weights']):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert int(two.step.numpy()) == 3 and int(two.optimizer.iterations.numpy()) == 3
+
+
+@pytest.mark.parametrize('fault', ['nan_on_one_replica', 'gradient_spike'])
+def test_a_bad_step_is_skipped_by_every_replica_and_touches_nothing(fault):
+    hp = hparams.load('tiny', warmup_iters=1)
+    strategy = _mirrored()
+    keras.utils.set_random_seed(0)
+    state = train.create_state(hp, strategy)
+    step = train.make_train_step(state, hp, strategy)
+    good = _batch(seed=1)
+    dist = lambda x, t: next(iter(strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((x, t)).batch(len(x)))))
+    for i in range(2):
+        out = step(*dist(*good))
+    assert out['skipped'] == 0
+    before = _snapshot(state)
+    x_in, target = _batch(seed=2)
+    if fault == 'nan_on_one_replica':
+        x_in[5] = np.nan                     # image 5 lives on the second replica
+    else:
+        state_hp = hp.replace(skip_threshold=1e-9)
+        step = train.make_train_step(state, state_hp, strategy)
+    out = step(*dist(x_in, target))
+    assert out['skipped'] == 1
+    after = _snapshot(state)
+    for kind in before:
+        for a, b in zip(before[kind], after[kind]):
+            np.testing.assert_array_equal(a, b, err_msg=kind)
+    assert int(state.skipped.numpy()) == 1 and int(state.skips_in_a_row.numpy()) == 1
+    assert int(state.step.numpy()) == 3 and int(state.optimizer.iterations.numpy()) == 2
+    # Every replica holds the same, untouched weights.
+    for v in state.model.weights:
+        copies = strategy.experimental_local_results(v.value)
+        np.testing.assert_array_equal(copies[0].numpy(), copies[1].numpy())
+
+
+def test_ema_follows_the_applied_weights():
+    hp = hparams.load('tiny', warmup_iters=1, ema_rate=0.9)
+    strategy = tf.distribute.get_strategy()
+    keras.utils.set_random_seed(0)
+    state = train.create_state(hp, strategy)
+    step = train.make_train_step(state, hp, strategy)
+    ema = [v.numpy() for v in state.model.weights]       # EMA starts at the initial weights
+    for i in range(3):
+        step(*_batch(seed=i))
+        ema = [0.9 * e + 0.1 * v.numpy() for e, v in zip(ema, state.model.weights)]
+    for e, ours in zip(ema, state.ema):
+        np.testing.assert_allclose(ours.numpy(), e, rtol=1e-5, atol=1e-7)
+
+
+def test_warm_up_is_linear_in_all_steps_then_constant():
+    step = tf.Variable(0, dtype=tf.int64)
+    schedule = train.WarmUp(1e-3, 100, step)
+    values = []
+    for s in (0, 1, 50, 99, 100, 1000):
+        step.assign(s)
+        values.append(float(schedule(None)))
+    np.testing.assert_allclose(values, [0., 1e-5, 5e-4, 9.9e-4, 1e-3, 1e-3], rtol=1e-6)
