@@ -6,7 +6,15 @@
 The train step is fwd + bwd + AdamW on random data (the model's cost does not depend on the
 pixels). "first step" counts the trace, graph optimisation and the first run together: it is
 what a user waits for before training starts. Run nothing else while benchmarking.
+
+    python bench.py --data --presets=cifar10 --steps=1   # input pipeline vs the model
+    python bench.py --data --presets=                    # input pipeline only
+
+--data first times data.train_dataset alone (shuffle, batch, preprocess; nothing consumes the
+batches but the loop) on mnist5k and on 50,000 random cifar10-shaped images in a temporary
+.npy, then the presets' train steps, and prints how many times faster the pipeline is.
 """
+import tempfile
 import os
 import time
 
@@ -17,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import data
 import hparams
 import model as vdvae
 
@@ -28,6 +37,8 @@ flags.DEFINE_boolean('grappler', None, 'Grappler graph optimisation (default: of
 flags.DEFINE_enum('layout', 'stacked', ['stacked', 'naive'],
                   "stacked: this project's model; naive: the same model with one variable per "
                   'conv kernel and bias, TF-op GELU with autodiff and no per-block functions')
+flags.DEFINE_boolean('data', False, 'also time the input pipeline alone (images/s)')
+flags.DEFINE_float('data_seconds', 3., 'seconds to time each input pipeline for')
 FLAGS = flags.FLAGS
 
 
@@ -102,7 +113,38 @@ def bench_train_step(hp, batch, steps):
                 img_s=batch / float(np.median(times)))
 
 
+def bench_data(hp, seconds):
+    """Images/s data.train_dataset delivers, after a warm-up that fills the shuffle buffer."""
+    batches = iter(data.train_dataset(hp))
+    for _ in range(20):
+        next(batches)
+    n, t0 = 0, time.time()
+    while time.time() - t0 < seconds:
+        x_in, target = next(batches)
+        n += int(x_in.shape[0])
+    return n / (time.time() - t0)
+
+
+def bench_pipelines(batch, seconds):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'cifar10_shaped.npy')
+        images = np.random.default_rng(0).integers(0, 256, (50_000, 32, 32, 3), np.uint8)
+        np.save(path, images)
+        rates = {}
+        for label, hp in [('mnist5k', hparams.load('demo', batch_size=batch)),
+                          ('cifar10-shaped npy', hparams.load('cifar10', dataset=f'npy:{path}',
+                                                               batch_size=batch))]:
+            try:
+                rates[label] = bench_data(hp, seconds)
+            except data.DataError as e:
+                hparams.fail(e)
+            print(f'input pipeline {label:<19} batch {batch:>3}: {rates[label]:>9,.0f} images/s',
+                  flush=True)
+    return rates
+
+
 def main(_):
+    pipeline = bench_pipelines(FLAGS.batch, FLAGS.data_seconds) if FLAGS.data else None
     grappler = FLAGS.layout == 'naive' if FLAGS.grappler is None else FLAGS.grappler
     configure_tf(grappler)
     if FLAGS.layout == 'naive':
@@ -116,6 +158,10 @@ def main(_):
         r = bench_train_step(hp, FLAGS.batch, FLAGS.steps)
         print(f'{name:<11} {FLAGS.batch:>5} {r["variables"]:>5} {r["params"]:>12,} {r["build"]:>8.1f} '
               f'{r["trace"]:>8.1f} {r["first"]:>12.1f} {r["step"]:>7.2f} {r["img_s"]:>6.2f}', flush=True)
+        if pipeline and hp.image_size == 32:
+            rate = pipeline['cifar10-shaped npy']
+            print(f'{"":<11} the cifar10-shaped input pipeline delivers {rate:,.0f} images/s, '
+                  f'{rate / r["img_s"]:,.0f}x what this train step consumes', flush=True)
 
 
 if __name__ == '__main__':
