@@ -364,7 +364,11 @@ def train_dataset(hp, strategy=None, data_dir=None):
             ds = ds.shuffle(SHUFFLE_BUFFER, seed=hp.seed, reshuffle_each_iteration=True).repeat()
         ds = ds.batch(batch, drop_remainder=True)
         ds = ds.map(lambda x: preprocess(x, hp), num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.prefetch(tf.data.AUTOTUNE)
+        # Our numpy_function readers hold no state of their own (a fixed array or file), so a
+        # checkpointed iterator may ignore them; without this, saving it fails.
+        options = tf.data.Options()
+        options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+        return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
     return _distribute(make, strategy)
 
 

