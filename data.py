@@ -197,7 +197,8 @@ def _tfds_split(dataset, split, image_size, data_dir):
     try:
         ds = tfds.load(name, split=source, shuffle_files=False, data_dir=data_dir)
     except Exception as e:  # noqa: BLE001 -- tfds raises many kinds; all mean "not there"
-        raise DataError(f'{name}: cannot load split {source!r} from {where}: '
+        raise DataError(f'{name}: cannot load split {source!r} from {where} (tfds downloads '
+                        f'and prepares it on first use, which needs a network): '
                         f'{_first_line(e)}') from None
     ds = ds.map(lambda example: example['image'])
     # tfds's train order is fixed and was shuffled when the dataset was built, so the first
