@@ -8,14 +8,43 @@ gradient norm from the all-reduced gradients; clip to `grad_clip`; skip the whol
 loss is not finite on any replica; an EMA of the weights updated only on applied steps.
 """
 import dataclasses
+import json
+import math
 import os
+import sys
+import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from absl import flags
 import keras
+import numpy as np
+from PIL import Image
 import tensorflow as tf
 
+import data
+import hparams
 import model as vdvae
+
+hparams.define_flags(default='demo')
+flags.DEFINE_string('logdir', None, 'run folder: checkpoints, log.jsonl, TensorBoard, samples '
+                    '(default runs/<preset>); restarting the same command resumes from it')
+flags.DEFINE_enum('strategy', 'auto', ['auto', 'default', 'mirrored', 'tpu', 'multiworker'],
+                  'auto: TPU if reachable, else all GPUs, else one device')
+flags.DEFINE_string('tpu', '', 'TPU name or address for --strategy=tpu (empty: Colab / local TPU VM)')
+flags.DEFINE_string('data_dir', None, 'tfds data_dir (may be gs://), or the FFHQ folder / .npy')
+flags.DEFINE_enum('precision', 'float32', ['float32', 'mixed_bfloat16'],
+                  'compute precision; variables, likelihood and KL stay float32')
+flags.DEFINE_integer('log_every', 10, 'steps between log lines')
+flags.DEFINE_integer('save_every', 1000, 'steps between checkpoints')
+flags.DEFINE_integer('keep_checkpoints', 3, 'checkpoints kept')
+flags.DEFINE_integer('eval_every', 5000, 'steps between validation passes (EMA weights; 0: never)')
+flags.DEFINE_integer('samples_every', 1000, 'steps between sample grids (0: never)')
+flags.DEFINE_integer('max_skips_in_a_row', 50, 'stop when this many updates in a row are skipped')
+flags.DEFINE_boolean('test_eval', False, 'no training: evaluate --ckpt (or the logdir\'s latest '
+                     'checkpoint) on the test split')
+flags.DEFINE_string('ckpt', None, 'checkpoint for --test_eval: a run folder or a ckpt-N prefix')
+FLAGS = flags.FLAGS
 
 # ---------------------------------------------------------------------------------------
 # Distribution strategy.
@@ -162,3 +191,247 @@ def make_train_step(state, hp, strategy):
         return {k: strategy.experimental_local_results(v)[0] for k, v in out.items()}
 
     return train_step
+
+
+def make_eval_step(model, hp, strategy):
+    """(x_in, target, mask) -> global sums of elbo, distortion, rate over finite images, and
+    the counts of images and of non-finite ones (reported, never silently dropped)."""
+
+    def replica_eval(x_in, target, mask):
+        ctx = tf.distribute.get_replica_context()
+        stats = model.losses_per_image(x_in, target, seed=tf.constant([hp.seed, -1]))
+        finite = tf.math.is_finite(stats['elbo'])
+        ok = tf.where(finite, mask, 0.)
+        sums = {k: tf.reduce_sum(tf.where(finite, v, 0.) * ok) for k, v in stats.items()}
+        sums.update(images=tf.reduce_sum(ok), nonfinite=tf.reduce_sum(tf.where(finite, 0., mask)))
+        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, sums)
+
+    @tf.function(autograph=False)
+    def eval_step(x_in, target, mask):
+        out = strategy.run(replica_eval, args=(x_in, target, mask))
+        return {k: strategy.experimental_local_results(v)[0] for k, v in out.items()}
+
+    return eval_step
+
+
+def evaluate(eval_step, dataset, total=None, label='eval'):
+    """Average per-image nats/dim over one pass of `dataset`; bits/dim alongside."""
+    sums, t0 = {}, time.time()
+    with data.clear_errors():
+        for i, batch in enumerate(dataset):
+            for k, v in eval_step(*batch).items():
+                sums[k] = sums.get(k, 0.) + float(v)
+            if total:
+                progress(label, sums['images'] + sums['nonfinite'], total, t0)
+    n = max(sums.get('images', 0.), 1.)
+    out = {k: sums.get(k, 0.) / n for k in ('elbo', 'distortion', 'rate')}
+    out.update(bits_per_dim=out['elbo'] / math.log(2), images=int(sums.get('images', 0)),
+               nonfinite=int(sums.get('nonfinite', 0)))
+    return out
+
+
+def copy_ema(state, eval_model):
+    for e, v in zip(state.ema, eval_model.weights):
+        v.assign(e)
+
+
+# ---------------------------------------------------------------------------------------
+# What people look at: a console progress line, log.jsonl, TensorBoard, PNG grids.
+
+
+def progress(label, done, total, t0):
+    rate = done / max(time.time() - t0, 1e-9)
+    eta = (total - done) / max(rate, 1e-9)
+    bar = '#' * int(30 * done / max(total, 1))
+    end = '\n' if done >= total else ''
+    print(f'\r{label} [{bar:<30}] {int(done)}/{int(total)} {rate:.1f}/s eta {eta / 60:.1f} min',
+          end=end, file=sys.stderr, flush=True)
+
+
+def sample_grid(model, x_in, target, temperatures=(1.0, 0.9, 0.8), seed=0):
+    """Rows: data; reconstructions keeping the first k posterior latents (the rest from the
+    prior at temperature 0.1) for k at a few points through the hierarchy; samples at each
+    temperature (the paper's figures 4 and 10)."""
+    n = x_in.shape[0]
+    rows = [vdvae.to_uint8(target)]
+    latents = model.posterior_latents(x_in, seed=[seed, 1])
+    for k in sorted({1, model.num_layers // 4, model.num_layers // 2, model.num_layers}):
+        rows.append(model.decode_images(latents[:k], temperature=0.1, seed=[seed, 2 + k]))
+    for i, t in enumerate(temperatures):
+        rows.append(model.sample(n, temperature=t, seed=[seed, 1000 + i]))
+    return grid(np.stack([r.numpy() for r in rows]))
+
+
+def grid(rows):
+    """(rows, cols, H, W, 3) uint8 -> one image with a 1-pixel gap."""
+    r, c, h, w, _ = rows.shape
+    out = np.full((r * (h + 1) - 1, c * (w + 1) - 1, 3), 255, np.uint8)
+    for i in range(r):
+        for j in range(c):
+            out[i * (h + 1):i * (h + 1) + h, j * (w + 1):j * (w + 1) + w] = rows[i, j]
+    return out
+
+
+def save_png(image, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(image).save(path + '.tmp.png')
+    os.replace(path + '.tmp.png', path)
+
+
+class Log:
+    """One JSON object per line in log.jsonl, the same scalars in TensorBoard."""
+
+    def __init__(self, logdir):
+        self.file = tf.io.gfile.GFile(os.path.join(logdir, 'log.jsonl'), 'a')
+        self.tb = tf.summary.create_file_writer(os.path.join(logdir, 'tb'))
+
+    def write(self, step, kind, values):
+        self.file.write(json.dumps(dict(step=int(step), kind=kind, **values)) + '\n')
+        self.file.flush()
+        with self.tb.as_default(step=int(step)):
+            for k, v in values.items():
+                tf.summary.scalar(f'{kind}/{k}', v)
+
+
+# ---------------------------------------------------------------------------------------
+# Run folders: hparams.json fixes what a folder holds, so resuming cannot mix configurations.
+
+
+def check_run_folder(logdir, hp):
+    path = os.path.join(logdir, 'hparams.json')
+    mine = dataclasses.asdict(hp)
+    if tf.io.gfile.exists(path):
+        theirs = json.loads(tf.io.gfile.GFile(path).read())
+        # `steps` only says how long to go on; anything else would change the run.
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k != 'steps')
+        if diff:
+            hparams.fail(f'{logdir} holds a run with other hyperparameters ({", ".join(diff)}); '
+                         'pass the same flags to resume, or another --logdir')
+        if mine == theirs:
+            return
+    tf.io.gfile.makedirs(logdir)
+    with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
+        f.write(json.dumps(mine, indent=1))
+    tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+
+
+def load_run_hparams(ckpt):
+    """The hparams of a run folder or of a checkpoint prefix inside one."""
+    folder = ckpt if tf.io.gfile.isdir(ckpt) else os.path.dirname(os.path.dirname(ckpt))
+    path = os.path.join(folder, 'hparams.json')
+    if not tf.io.gfile.exists(path):
+        hparams.fail(f'{ckpt}: no hparams.json beside it; not a checkpoint of this project')
+    fields = json.loads(tf.io.gfile.GFile(path).read())
+    try:
+        return hparams.validate(hparams.HParams(**fields)), folder
+    except (TypeError, hparams.HParamsError) as e:
+        hparams.fail(f'{path}: {e}')
+
+
+def checkpoint_path(ckpt, folder):
+    if tf.io.gfile.isdir(ckpt):
+        latest = tf.train.latest_checkpoint(os.path.join(folder, 'ckpt'))
+        if latest is None:
+            hparams.fail(f'{ckpt}: no checkpoint in {os.path.join(folder, "ckpt")}')
+        return latest
+    if not tf.io.gfile.exists(ckpt + '.index'):
+        hparams.fail(f'{ckpt}: no such checkpoint ({ckpt}.index is missing)')
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def test_eval(strategy):
+    hp, folder = load_run_hparams(FLAGS.ckpt or FLAGS.logdir or f'runs/{FLAGS.hparams}')
+    state = create_state(hp, strategy)
+    path = checkpoint_path(FLAGS.ckpt or folder, folder)
+    try:
+        state.checkpoint().restore(path).expect_partial()
+    except (tf.errors.OpError, ValueError, AssertionError) as e:
+        hparams.fail(f'{path}: cannot be restored ({str(e).splitlines()[0]})')
+    copy_ema(state, state.model)
+    total = data.split_size(hp.dataset, 'test', hp.image_size, FLAGS.data_dir)
+    result = evaluate(make_eval_step(state.model, hp, strategy),
+                      data.eval_dataset(hp, 'test', strategy, FLAGS.data_dir), total, 'test')
+    excluded = f', {result["nonfinite"]} non-finite excluded' if result['nonfinite'] else ''
+    print(f'test {hp.dataset}: {result["elbo"]:.4f} nats/dim = {result["bits_per_dim"]:.4f} '
+          f'bits/dim over {result["images"]} images (EMA weights, step {int(state.step.numpy())}'
+          f'{excluded})')
+    return result
+
+
+def main(_):
+    hp = hparams.exit_on_error(hparams.from_flags)
+    if FLAGS.precision != 'float32':
+        keras.config.set_dtype_policy(FLAGS.precision)
+    try:
+        strategy = make_strategy(FLAGS.strategy, FLAGS.tpu)
+    except RuntimeError as e:
+        hparams.fail(e)
+    if FLAGS.test_eval:
+        test_eval(strategy)
+        return
+    logdir = FLAGS.logdir or os.path.join('runs', FLAGS.hparams)
+    check_run_folder(logdir, hp)
+    replicas = strategy.num_replicas_in_sync
+    print(f'{FLAGS.hparams}: {hp.batch_size} images per replica x {replicas} replicas = '
+          f'{hp.batch_size * replicas} per step, {strategy.__class__.__name__}, logdir {logdir}')
+
+    keras.utils.set_random_seed(hp.seed)      # the same initial weights in every run
+    state = create_state(hp, strategy)
+    if FLAGS.eval_every:
+        with strategy.scope():
+            eval_model = vdvae.VDVAE(hp)
+        eval_step = make_eval_step(eval_model, hp, strategy)
+    train_iter = iter(data.train_dataset(hp, strategy, FLAGS.data_dir))
+    # The input iterator (its position and shuffle state) is saved with the model.
+    manager = tf.train.CheckpointManager(state.checkpoint(data=train_iter),
+                                         os.path.join(logdir, 'ckpt'), FLAGS.keep_checkpoints)
+    if manager.latest_checkpoint:
+        manager.checkpoint.restore(manager.latest_checkpoint)
+        print(f'resumed from {manager.latest_checkpoint} at step {int(state.step.numpy())}')
+    print(f'{vdvae.count_params(state.model):,} parameters, {state.model.num_layers} stochastic layers')
+    train_step = make_train_step(state, hp, strategy)
+    log = Log(logdir)
+    preview = next(iter(data.eval_dataset(hp, 'valid', None, FLAGS.data_dir)))[:2]
+    preview = [t[:8] for t in preview]
+
+    step, t0, t_log = int(state.step.numpy()), time.time(), time.time()
+    start = step
+    while step < hp.steps:
+        with data.clear_errors():
+            out = train_step(*next(train_iter))
+        step += 1
+        if step % FLAGS.log_every == 0 or step == hp.steps:
+            values = {k: float(v) for k, v in out.items()}
+            values.update(bits_per_dim=values['elbo'] / math.log(2), lr=float(state.optimizer.learning_rate),
+                          skipped_total=int(state.skipped.numpy()),
+                          images_per_s=FLAGS.log_every * hp.batch_size * replicas / (time.time() - t_log))
+            log.write(step, 'train', values)
+            t_log = time.time()
+            progress(f'step {step} elbo {values["elbo"]:.4f} ({values["bits_per_dim"]:.3f} bpd) '
+                     f'|g| {values["grad_norm"]:.1f} skipped {values["skipped_total"]}',
+                     step - start, hp.steps - start, t0)
+        if int(state.skips_in_a_row.numpy()) > FLAGS.max_skips_in_a_row:
+            manager.save(checkpoint_number=step)
+            hparams.fail(f'{int(state.skips_in_a_row.numpy())} updates in a row were skipped (gradient '
+                         f'norm >= skip_threshold={hp.skip_threshold} or non-finite loss): training '
+                         'has stalled. Raise --skip_threshold or lower --lr and restart to resume.')
+        if step % FLAGS.save_every == 0 or step == hp.steps:
+            manager.save(checkpoint_number=step)
+        if FLAGS.samples_every and (step % FLAGS.samples_every == 0 or step == hp.steps):
+            save_png(sample_grid(state.model, *preview, seed=step),
+                     os.path.join(logdir, 'samples', f'step-{step:08d}.png'))
+        if FLAGS.eval_every and (step % FLAGS.eval_every == 0 or step == hp.steps):
+            copy_ema(state, eval_model)
+            result = evaluate(eval_step, data.eval_dataset(hp, 'valid', strategy, FLAGS.data_dir))
+            log.write(step, 'valid', result)
+            print(f'\nvalid at step {step}: {result["elbo"]:.4f} nats/dim, '
+                  f'{result["bits_per_dim"]:.4f} bits/dim ({result["images"]} images, '
+                  f'{result["nonfinite"]} non-finite)')
+    print(f'done: {step} steps, checkpoints in {os.path.join(logdir, "ckpt")}')
+
+
+if __name__ == '__main__':
+    hparams.run(main)

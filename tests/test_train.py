@@ -106,3 +106,65 @@ def test_warm_up_is_linear_in_all_steps_then_constant():
         step.assign(s)
         values.append(float(schedule(None)))
     np.testing.assert_allclose(values, [0., 1e-5, 5e-4, 9.9e-4, 1e-3, 1e-3], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# The command line, end to end on the tiny preset and the offline mnist5k digits.
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(*args):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--hparams=tiny',
+                        '--eval_every=0', '--samples_every=0', '--log_every=1', *args],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    return r
+
+
+def _weights(ckpt_prefix):
+    reader = tf.train.load_checkpoint(ckpt_prefix)
+    names = sorted(n for n in reader.get_variable_to_shape_map()
+                   if n.startswith(('weights/', 'ema/', 'optimizer/')))
+    return {n: reader.get_tensor(n) for n in names}
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+    assert _train(f'--logdir={straight}', '--steps=6', '--save_every=3').returncode == 0
+    first = _train(f'--logdir={resumed}', '--steps=3', '--save_every=3')
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = _train(f'--logdir={resumed}', '--steps=6', '--save_every=3')
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert 'resumed from' in second.stdout
+    a, b = _weights(f'{straight}/ckpt/ckpt-6'), _weights(f'{resumed}/ckpt/ckpt-6')
+    assert a.keys() == b.keys() and len(a) > 40
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # The log says what happened at each step, both runs alike.
+    steps = [json.loads(line)['step'] for line in open(f'{resumed}/log.jsonl')]
+    assert steps == list(range(1, 7))
+
+
+def test_test_eval_reports_bits_per_dim_of_a_checkpoint(tmp_path):
+    run = str(tmp_path / 'run')
+    assert _train(f'--logdir={run}', '--steps=2', '--save_every=2').returncode == 0
+    r = _train('--test_eval', f'--ckpt={run}')
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = [l for l in r.stdout.splitlines() if l.startswith('test mnist5k')]
+    assert len(line) == 1 and 'bits/dim over 500 images' in line[0], r.stdout
+    nats, bits = float(line[0].split()[2]), float(line[0].split()[5])
+    assert bits == pytest.approx(nats / np.log(2), rel=1e-3)
+
+
+def test_a_run_folder_refuses_other_hyperparameters_and_a_missing_checkpoint(tmp_path):
+    run = str(tmp_path / 'run')
+    assert _train(f'--logdir={run}', '--steps=1').returncode == 0
+    r = _train(f'--logdir={run}', '--steps=1', '--width=16')
+    assert r.returncode == 2 and 'other hyperparameters (width)' in r.stderr
+    r = _train('--test_eval', f'--ckpt={tmp_path}/nothing')
+    assert r.returncode == 2 and 'error:' in r.stderr and 'Traceback' not in r.stderr
