@@ -362,6 +362,7 @@ def test_eval(strategy):
 
 
 def main(_):
+    tf.get_logger().setLevel('ERROR')    # TF's checkpoint and retracing chatter; ours is printed
     hp = hparams.exit_on_error(hparams.from_flags)
     if FLAGS.precision != 'float32':
         keras.config.set_dtype_policy(FLAGS.precision)
