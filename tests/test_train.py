@@ -168,3 +168,39 @@ def test_a_run_folder_refuses_other_hyperparameters_and_a_missing_checkpoint(tmp
     assert r.returncode == 2 and 'other hyperparameters (width)' in r.stderr
     r = _train('--test_eval', f'--ckpt={tmp_path}/nothing')
     assert r.returncode == 2 and 'error:' in r.stderr and 'Traceback' not in r.stderr
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_multi_worker_run_ends_with_identical_weights(tmp_path):
+    workers = [f'127.0.0.1:{_free_port()}', f'127.0.0.1:{_free_port()}']
+    procs = []
+    for i in range(2):
+        tf_config = json.dumps({'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': i}})
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, 'tests', 'mwms_worker.py'), str(tmp_path / f'w{i}.npz'), '3'],
+            env=dict(os.environ, TF_CONFIG=tf_config, TF_CPP_MIN_LOG_LEVEL='3'),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    w0, w1 = np.load(tmp_path / 'w0.npz'), np.load(tmp_path / 'w1.npz')
+    assert int(w0['replicas']) == 2 and int(w0['step']) == int(w1['step']) == 3
+    np.testing.assert_array_equal(w0['losses'], w1['losses'])      # all-reduced means
+    names = [k for k in w0.files if k.startswith('arr_')]
+    assert len(names) > 20
+    for k in names:
+        np.testing.assert_array_equal(w0[k], w1[k], err_msg=k)
+    initial = model_initial_weights()
+    assert any(not np.array_equal(w0[k], v) for k, v in zip(names, initial))   # it trained
+
+
+def model_initial_weights():
+    import model
+    keras.utils.set_random_seed(0)
+    return [v.numpy() for v in model.VDVAE(hparams.load('tiny', batch_size=4)).weights]
