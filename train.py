@@ -361,6 +361,16 @@ def test_eval(strategy):
     return result
 
 
+def is_chief(strategy):
+    """The worker that writes logs, samples and the kept checkpoints (task 0 / 'chief')."""
+    resolver = getattr(strategy, 'cluster_resolver', None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True
+    return resolver.task_type == 'chief' or (
+        resolver.task_type == 'worker' and resolver.task_id == 0
+        and 'chief' not in resolver.cluster_spec().as_dict())
+
+
 def main(_):
     tf.get_logger().setLevel('ERROR')    # TF's checkpoint and retracing chatter; ours is printed
     hp = hparams.exit_on_error(hparams.from_flags)
@@ -374,7 +384,9 @@ def main(_):
         test_eval(strategy)
         return
     logdir = FLAGS.logdir or os.path.join('runs', FLAGS.hparams)
-    check_run_folder(logdir, hp)
+    chief = is_chief(strategy)
+    if chief:
+        check_run_folder(logdir, hp)
     replicas = strategy.num_replicas_in_sync
     print(f'{FLAGS.hparams}: {hp.batch_size} images per replica x {replicas} replicas = '
           f'{hp.batch_size * replicas} per step, {strategy.__class__.__name__}, logdir {logdir}')
@@ -385,16 +397,24 @@ def main(_):
         with strategy.scope():
             eval_model = vdvae.VDVAE(hp)
         eval_step = make_eval_step(eval_model, hp, strategy)
+    # The input iterator (position and shuffle state) is saved with the model where the
+    # strategy allows it; elsewhere (multi-worker) the input restarts at the saved step.
     train_iter = iter(data.train_dataset(hp, strategy, FLAGS.data_dir))
-    # The input iterator (its position and shuffle state) is saved with the model.
-    manager = tf.train.CheckpointManager(state.checkpoint(data=train_iter),
-                                         os.path.join(logdir, 'ckpt'), FLAGS.keep_checkpoints)
-    if manager.latest_checkpoint:
-        manager.checkpoint.restore(manager.latest_checkpoint)
-        print(f'resumed from {manager.latest_checkpoint} at step {int(state.step.numpy())}')
+    saved_iter = isinstance(train_iter, tf.__internal__.tracking.Trackable)
+    ckpt = state.checkpoint(data=train_iter) if saved_iter else state.checkpoint()
+    # Every worker saves (collectives need all of them); others keep one copy in .worker-N.
+    ckpt_dir = os.path.join(logdir, 'ckpt' if chief else f'.worker-{strategy.cluster_resolver.task_id}')
+    manager = tf.train.CheckpointManager(ckpt, ckpt_dir, FLAGS.keep_checkpoints if chief else 1)
+    latest = tf.train.latest_checkpoint(os.path.join(logdir, 'ckpt'))
+    if latest:
+        ckpt.restore(latest)
+        print(f'resumed from {latest} at step {int(state.step.numpy())}')
+        if not saved_iter:
+            train_iter = iter(data.train_dataset(hp, strategy, FLAGS.data_dir,
+                                                 start_step=int(state.step.numpy())))
     print(f'{vdvae.count_params(state.model):,} parameters, {state.model.num_layers} stochastic layers')
     train_step = make_train_step(state, hp, strategy)
-    log = Log(logdir)
+    log = Log(logdir) if chief else None
     preview = next(iter(data.eval_dataset(hp, 'valid', None, FLAGS.data_dir)))[:2]
     preview = [t[:8] for t in preview]
 
@@ -409,7 +429,8 @@ def main(_):
             values.update(bits_per_dim=values['elbo'] / math.log(2), lr=float(state.optimizer.learning_rate),
                           skipped_total=int(state.skipped.numpy()),
                           images_per_s=FLAGS.log_every * hp.batch_size * replicas / (time.time() - t_log))
-            log.write(step, 'train', values)
+            if log:
+                log.write(step, 'train', values)
             t_log = time.time()
             progress(f'step {step} elbo {values["elbo"]:.4f} ({values["bits_per_dim"]:.3f} bpd) '
                      f'|g| {values["grad_norm"]:.1f} skipped {values["skipped_total"]}',
@@ -421,13 +442,14 @@ def main(_):
                          'has stalled. Raise --skip_threshold or lower --lr and restart to resume.')
         if step % FLAGS.save_every == 0 or step == hp.steps:
             manager.save(checkpoint_number=step)
-        if FLAGS.samples_every and (step % FLAGS.samples_every == 0 or step == hp.steps):
+        if chief and FLAGS.samples_every and (step % FLAGS.samples_every == 0 or step == hp.steps):
             save_png(sample_grid(state.model, *preview, seed=step),
                      os.path.join(logdir, 'samples', f'step-{step:08d}.png'))
         if FLAGS.eval_every and (step % FLAGS.eval_every == 0 or step == hp.steps):
             copy_ema(state, eval_model)
             result = evaluate(eval_step, data.eval_dataset(hp, 'valid', strategy, FLAGS.data_dir))
-            log.write(step, 'valid', result)
+            if log:
+                log.write(step, 'valid', result)
             print(f'\nvalid at step {step}: {result["elbo"]:.4f} nats/dim, '
                   f'{result["bits_per_dim"]:.4f} bits/dim ({result["images"]} images, '
                   f'{result["nonfinite"]} non-finite)')
