@@ -163,3 +163,20 @@ def test_analytic_kl_matches_monte_carlo_and_vanishes_when_q_equals_p():
     analytic = model.gaussian_kl(q_mean, q_ls, p_mean, p_ls).numpy()
     assert np.all(np.abs(analytic - mc) < 4 * err + 1e-6), (analytic, mc, err)
     np.testing.assert_allclose(model.gaussian_kl(q_mean, q_ls, q_mean, q_ls).numpy(), 0., atol=1e-6)
+
+
+def test_dmol_gradients_stay_finite_for_confident_components_far_from_the_data():
+    """Sharp components (log-scale at the -7 clamp) two units away from the target push
+    exp(-v) past float32's range; the gradient must stay finite (it once was inf/inf)."""
+    rng = np.random.default_rng(4)
+    params = _random_params(rng, (2, 4, 4), 3, (-9., -7.))
+    rest = params[..., 3:].reshape(2, 4, 4, 3, 9)
+    rest[..., :3] = np.where(rng.random((2, 4, 4, 3, 3)) < 0.5, -1., 1.)   # means at the edges
+    params = tf.constant(np.concatenate([params[..., :3], rest.reshape(2, 4, 4, 27)], -1))
+    target = tf.constant(rng.choice([-1., 1., 0.5], size=(2, 4, 4, 3)).astype(np.float32))
+    for low_bit in (False, True):
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            nll = tf.reduce_sum(model.dmol_nll(params, target, low_bit=low_bit))
+        grad = tape.gradient(nll, params).numpy()
+        assert np.isfinite(nll.numpy()) and np.all(np.isfinite(grad)), low_bit
