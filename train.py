@@ -33,8 +33,9 @@ flags.DEFINE_enum('strategy', 'auto', ['auto', 'default', 'mirrored', 'tpu', 'mu
                   'auto: TPU if reachable, else all GPUs, else one device')
 flags.DEFINE_string('tpu', '', 'TPU name or address for --strategy=tpu (empty: Colab / local TPU VM)')
 flags.DEFINE_string('data_dir', None, 'tfds data_dir (may be gs://), or the FFHQ folder / .npy')
-flags.DEFINE_enum('precision', 'float32', ['float32', 'mixed_bfloat16'],
-                  'compute precision; variables, likelihood and KL stay float32')
+flags.DEFINE_enum('precision', 'float32', ['float32', 'mixed_bfloat16', 'mixed_float16'],
+                  'compute precision; variables, likelihood and KL stay float32; float16 uses a '
+                  'dynamic loss scale (overflowing steps are skipped and halve it)')
 flags.DEFINE_integer('log_every', 10, 'steps between log lines')
 flags.DEFINE_integer('save_every', 1000, 'steps between checkpoints')
 flags.DEFINE_integer('keep_checkpoints', 3, 'checkpoints kept')
@@ -83,13 +84,16 @@ class TrainState:
     step: tf.Variable               # every step, applied or skipped (drives the warm-up)
     skipped: tf.Variable            # skipped updates so far
     skips_in_a_row: tf.Variable
+    loss_scale: tf.Variable         # float16 training only; 1 otherwise
+    applied_in_a_row: tf.Variable   # when the loss scale last grew
 
     def checkpoint(self, **extra):
         return tf.train.Checkpoint(
             weights={_key(v): v.value for v in self.model.weights},
             ema={_key(v): e for v, e in zip(self.model.weights, self.ema)},
             optimizer={_key(v): v.value for v in self.optimizer.variables},
-            step=self.step, skipped=self.skipped, skips_in_a_row=self.skips_in_a_row, **extra)
+            step=self.step, skipped=self.skipped, skips_in_a_row=self.skips_in_a_row,
+            loss_scale=self.loss_scale, applied_in_a_row=self.applied_in_a_row, **extra)
 
 
 def _key(variable):
@@ -113,7 +117,8 @@ def _counter(name):
                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
 
-def create_state(hp, strategy):
+def create_state(hp, strategy, loss_scale=1.):
+    """loss_scale > 1: float16 training with a dynamic loss scale starting there."""
     with strategy.scope():
         model = vdvae.VDVAE(hp)
         step = _counter('step')
@@ -124,7 +129,10 @@ def create_state(hp, strategy):
         ema = [tf.Variable(v.value, trainable=False, name=f'ema_{_key(v)}',
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
                for v in model.weights]
-        return TrainState(model, optimizer, ema, step, _counter('skipped'), _counter('skips_in_a_row'))
+        scale = tf.Variable(float(loss_scale), trainable=False, name='loss_scale',
+                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        return TrainState(model, optimizer, ema, step, _counter('skipped'), _counter('skips_in_a_row'),
+                          scale, _counter('applied_in_a_row'))
 
 
 # ---------------------------------------------------------------------------------------
@@ -135,6 +143,7 @@ def make_train_step(state, hp, strategy):
     """A tf.function (x_in, target) -> dict of global-batch means, run under `strategy`."""
     model, variables = state.model, state.model.trainable_variables
     n_replicas = strategy.num_replicas_in_sync
+    dynamic_scale = float(state.loss_scale.numpy()) != 1.
 
     def replica_apply(grads):
         # Keras all-reduces (sums) gradients again inside apply(); ours are already the
@@ -152,11 +161,19 @@ def make_train_step(state, hp, strategy):
         def update():
             strategy.extended.call_for_each_replica(replica_apply, args=(grads,))
             state.skips_in_a_row.assign(0)
+            if dynamic_scale:     # float16: try a larger scale after 2,000 clean steps
+                state.applied_in_a_row.assign_add(1)
+                grow = state.applied_in_a_row >= 2000
+                state.loss_scale.assign(tf.where(grow, state.loss_scale * 2., state.loss_scale))
+                state.applied_in_a_row.assign(tf.where(grow, tf.constant(0, tf.int64), state.applied_in_a_row))
             return tf.constant(0, tf.int64)
 
         def skip_update():
             state.skipped.assign_add(1)
             state.skips_in_a_row.assign_add(1)
+            if dynamic_scale:     # an overflow in float16 halves the scale
+                state.applied_in_a_row.assign(0)
+                state.loss_scale.assign(tf.maximum(state.loss_scale / 2., 1.))
             return tf.constant(1, tf.int64)
 
         tf.cond(skip, skip_update, update)
@@ -170,11 +187,15 @@ def make_train_step(state, hp, strategy):
         local_batch = tf.shape(x_in)[0]
         rows = (ctx.replica_id_in_sync_group * local_batch, local_batch * n_replicas)
         global_batch = tf.cast(local_batch * n_replicas, tf.float32)
+        scale = tf.identity(state.loss_scale)
         with tf.GradientTape() as tape:
             stats = model.losses_per_image(x_in, target, seed=seed, noise_rows=rows)
             loss = tf.reduce_sum(stats['elbo']) / global_batch
-        grads = tape.gradient(loss, variables)
+            scaled_loss = loss * scale if dynamic_scale else loss
+        grads = tape.gradient(scaled_loss, variables)
         grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        if dynamic_scale:
+            grads = [g / scale for g in grads]
         sums = ctx.all_reduce(tf.distribute.ReduceOp.SUM, {k: tf.reduce_sum(v) for k, v in stats.items()})
         means = {k: v / global_batch for k, v in sums.items()}
         grad_norm = tf.linalg.global_norm(grads)
@@ -392,7 +413,7 @@ def main(_):
           f'{hp.batch_size * replicas} per step, {strategy.__class__.__name__}, logdir {logdir}')
 
     keras.utils.set_random_seed(hp.seed)      # the same initial weights in every run
-    state = create_state(hp, strategy)
+    state = create_state(hp, strategy, loss_scale=2. ** 15 if FLAGS.precision == 'mixed_float16' else 1.)
     if FLAGS.eval_every:
         with strategy.scope():
             eval_model = vdvae.VDVAE(hp)

@@ -214,3 +214,27 @@ def test_a_stalled_run_stops_with_a_pointer_to_skip_threshold(tmp_path):
     steps = [json.loads(line) for line in open(f'{tmp_path}/run/log.jsonl')]
     assert len(steps) == 4 and all(s['skipped'] == 1 for s in steps)
     assert tf.train.latest_checkpoint(f'{tmp_path}/run/ckpt').endswith('ckpt-4')
+
+
+def test_float16_uses_a_dynamic_loss_scale_that_halves_on_overflow():
+    keras.config.set_dtype_policy('mixed_float16')
+    try:
+        hp = hparams.load('tiny', warmup_iters=1)
+        keras.utils.set_random_seed(0)
+        strategy = tf.distribute.get_strategy()
+        state = train.create_state(hp, strategy, loss_scale=2. ** 100)    # overflows float16
+        assert state.model.decoder.compute_dtype == 'float16'
+        step = train.make_train_step(state, hp, strategy)
+        before = _snapshot(state)
+        out = step(*_batch(seed=0))
+        assert out['skipped'] == 1 and np.isfinite(out['elbo'])
+        assert float(state.loss_scale.numpy()) == 2. ** 99
+        for a, b in zip(before['weights'], _snapshot(state)['weights']):
+            np.testing.assert_array_equal(a, b)
+        state.loss_scale.assign(2. ** 10)
+        out = step(*_batch(seed=1))
+        assert out['skipped'] == 0 and np.isfinite(out['grad_norm'])
+        assert any(not np.array_equal(a, b) for a, b in zip(before['weights'], _snapshot(state)['weights']))
+        assert all(v.dtype == 'float32' for v in state.model.weights)
+    finally:
+        keras.config.set_dtype_policy('float32')
