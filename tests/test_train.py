@@ -238,3 +238,22 @@ def test_float16_uses_a_dynamic_loss_scale_that_halves_on_overflow():
         assert all(v.dtype == 'float32' for v in state.model.weights)
     finally:
         keras.config.set_dtype_policy('float32')
+
+
+def test_evaluation_averages_per_image_counts_non_finite_images_and_ignores_padding():
+    hp = hparams.load('tiny')
+    keras.utils.set_random_seed(0)
+    strategy = tf.distribute.get_strategy()
+    m = train.create_state(hp, strategy).model
+    x_in, target = _batch(n=8, seed=3)
+    x_in[2] = np.nan                               # a broken image: counted, not averaged
+    mask = np.ones(8, np.float32)
+    mask[6:] = 0.                                  # padding
+    batches = [(x_in[:4], target[:4], mask[:4]), (x_in[4:], target[4:], mask[4:])]
+    result = train.evaluate(train.make_eval_step(m, hp, strategy), batches)
+    assert result['images'] == 5 and result['nonfinite'] == 1
+    per_image = np.concatenate([m.losses_per_image(x, t, seed=tf.constant([hp.seed, -1]))['elbo'].numpy()
+                                for x, t, _ in batches])
+    expected = per_image[[0, 1, 3, 4, 5]].mean()
+    assert result['elbo'] == pytest.approx(expected, rel=1e-5)
+    assert result['bits_per_dim'] == pytest.approx(expected / np.log(2), rel=1e-5)
