@@ -436,8 +436,10 @@ def main(_):
     print(f'{vdvae.count_params(state.model):,} parameters, {state.model.num_layers} stochastic layers')
     train_step = make_train_step(state, hp, strategy)
     log = Log(logdir) if chief else None
-    preview = next(iter(data.eval_dataset(hp, 'valid', None, FLAGS.data_dir)))[:2]
-    preview = [t[:8] for t in preview]
+    # Eight validation images spread over the split (splits may be sorted, e.g. by label).
+    n_valid = data.split_size(hp.dataset, 'valid', hp.image_size, FLAGS.data_dir)
+    preview = data.load_split(hp.dataset, 'valid', hp.image_size, FLAGS.data_dir)
+    preview = data.preprocess(next(iter(preview.shard(max(n_valid // 8, 1), 0).batch(8))), hp)
 
     step, t0, t_log = int(state.step.numpy()), time.time(), time.time()
     start = step
