@@ -91,7 +91,7 @@ PRESETS = {
         dec_blocks='1x1,4m1,4x2,8m4,8x2,16m8,16x2'),
     'demo': HParams(
         dataset='mnist5k', image_size=32, width=64, zdim=8, num_mixtures=5, lr=1e-3,
-        batch_size=32, ema_rate=0.999, steps=400, grad_clip=200, skip_threshold=1000,
+        batch_size=32, ema_rate=0.99, steps=400, grad_clip=200, skip_threshold=1000,
         enc_blocks='32x2,32d2,16x2,16d2,8x2,8d2,4x2,4d4,1x1',
         dec_blocks='1x1,4m1,4x2,8m4,8x2,16m8,16x3,32m16,32x2'),
 }
