@@ -392,7 +392,14 @@ def is_chief(strategy):
         and 'chief' not in resolver.cluster_spec().as_dict())
 
 
-def main(_):
+def main(argv):
+    try:
+        run(argv)
+    except data.DataError as e:          # missing or malformed data: one line, no traceback
+        hparams.fail(e)
+
+
+def run(_):
     tf.get_logger().setLevel('ERROR')    # TF's checkpoint and retracing chatter; ours is printed
     hp = hparams.exit_on_error(hparams.from_flags)
     if FLAGS.precision != 'float32':

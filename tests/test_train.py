@@ -168,6 +168,9 @@ def test_a_run_folder_refuses_other_hyperparameters_and_a_missing_checkpoint(tmp
     assert r.returncode == 2 and 'other hyperparameters (width)' in r.stderr
     r = _train('--test_eval', f'--ckpt={tmp_path}/nothing')
     assert r.returncode == 2 and 'error:' in r.stderr and 'Traceback' not in r.stderr
+    r = _train(f'--logdir={tmp_path}/other', f'--dataset=folder:{tmp_path}/no-such-folder')
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert f'{tmp_path}/no-such-folder' in [l for l in r.stderr.splitlines() if l.startswith('error:')][0]
 
 
 def _free_port():
