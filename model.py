@@ -124,9 +124,13 @@ def _split_seed(seed, n):
 
 # ---------------------------------------------------------------------------------------
 # Building blocks.
+def _init_bound(fan_in, scale=1.):
+    """PyTorch's default conv init is U(+-1/sqrt(fan_in)); `scale` multiplies it (0: zeros)."""
+    return scale / math.sqrt(fan_in)
+
+
 def _torch_uniform(fan_in, scale=1.):
-    """PyTorch's default conv init, U(+-1/sqrt(fan_in)), times `scale` (0 gives zeros)."""
-    bound = scale / math.sqrt(fan_in)
+    bound = _init_bound(fan_in, scale)
     if bound == 0:
         return 'zeros'
     return keras.initializers.RandomUniform(-bound, bound)
@@ -232,7 +236,7 @@ def _block_pieces(role, c_in, c_mid, c_out, use_3x3, last_scale=1.):
     shapes = [(1, c_in, c_mid), (k, c_mid, c_mid), (k, c_mid, c_mid), (1, c_mid, c_out)]
     pieces = []
     for i, (ks, ci, co) in enumerate(shapes, 1):
-        bound = (last_scale if i == 4 else 1.) / math.sqrt(ks * ks * ci)
+        bound = _init_bound(ks * ks * ci, last_scale if i == 4 else 1.)
         pieces += [(f'{role}c{i}_kernel', (ks, ks, ci, co), bound), (f'{role}c{i}_bias', (co,), 0.)]
     return pieces
 
@@ -300,7 +304,7 @@ def _decoder_pieces(width, hp, n_total, use_3x3):
     mid, z, scale = int(width * hp.bottleneck_multiple), hp.zdim, math.sqrt(1. / n_total)
     return (_block_pieces('posterior/', 2 * width, mid, 2 * z, use_3x3)
             + _block_pieces('prior/', width, mid, 2 * z + width, use_3x3, last_scale=0.)
-            + [('z_proj/kernel', (1, 1, z, width), scale / math.sqrt(z)), ('z_proj/bias', (width,), 0.)]
+            + [('z_proj/kernel', (1, 1, z, width), _init_bound(z, scale)), ('z_proj/bias', (width,), 0.)]
             + _block_pieces('resnet/', width, mid, width, use_3x3, last_scale=scale))
 
 
