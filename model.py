@@ -454,5 +454,10 @@ class VDVAE(keras.Model):
         return float(self.hp.image_size ** 2 * self.hp.image_channels)
 
 
+def checkpoint_key(variable):
+    """A weight's name in this project's checkpoints (stable across Keras versions' paths)."""
+    return variable.path.replace('/', '.')
+
+
 def count_params(model):
     return int(sum(np.prod(v.shape) for v in model.weights))

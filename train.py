@@ -18,34 +18,39 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags
 import keras
-import numpy as np
-from PIL import Image
 import tensorflow as tf
 
 import data
 import hparams
 import model as vdvae
+import sample
 
-hparams.define_flags(default='demo')
-flags.DEFINE_string('logdir', None, 'run folder: checkpoints, log.jsonl, TensorBoard, samples '
-                    '(default runs/<preset>); restarting the same command resumes from it')
-flags.DEFINE_enum('strategy', 'auto', ['auto', 'default', 'mirrored', 'tpu', 'multiworker'],
-                  'auto: TPU if reachable, else all GPUs, else one device')
-flags.DEFINE_string('tpu', '', 'TPU name or address for --strategy=tpu (empty: Colab / local TPU VM)')
-flags.DEFINE_string('data_dir', None, 'tfds data_dir (may be gs://), or the FFHQ folder / .npy')
-flags.DEFINE_enum('precision', 'float32', ['float32', 'mixed_bfloat16', 'mixed_float16'],
-                  'compute precision; variables, likelihood and KL stay float32; float16 uses a '
-                  'dynamic loss scale (overflowing steps are skipped and halve it)')
-flags.DEFINE_integer('log_every', 10, 'steps between log lines')
-flags.DEFINE_integer('save_every', 1000, 'steps between checkpoints')
-flags.DEFINE_integer('keep_checkpoints', 3, 'checkpoints kept')
-flags.DEFINE_integer('eval_every', 5000, 'steps between validation passes (EMA weights; 0: never)')
-flags.DEFINE_integer('samples_every', 1000, 'steps between sample grids (0: never)')
-flags.DEFINE_integer('max_skips_in_a_row', 50, 'stop when this many updates in a row are skipped')
-flags.DEFINE_boolean('test_eval', False, 'no training: evaluate --ckpt (or the logdir\'s latest '
-                     'checkpoint) on the test split')
-flags.DEFINE_string('ckpt', None, 'checkpoint for --test_eval: a run folder or a ckpt-N prefix')
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command line; defined only when train.py is the program, so other scripts and
+    tests can import this module."""
+    hparams.define_flags(default='demo')
+    flags.DEFINE_string('logdir', None, 'run folder: checkpoints, log.jsonl, TensorBoard, samples '
+                        '(default runs/<preset>); restarting the same command resumes from it')
+    flags.DEFINE_enum('strategy', 'auto', ['auto', 'default', 'mirrored', 'tpu', 'multiworker'],
+                      'auto: TPU if reachable, else all GPUs, else one device')
+    flags.DEFINE_string('tpu', '', 'TPU name or address for --strategy=tpu (empty: Colab / local TPU VM)')
+    flags.DEFINE_string('data_dir', None, 'tfds data_dir (may be gs://), or the FFHQ folder / .npy')
+    flags.DEFINE_enum('precision', 'float32', ['float32', 'mixed_bfloat16', 'mixed_float16'],
+                      'compute precision; variables, likelihood and KL stay float32; float16 uses a '
+                      'dynamic loss scale (overflowing steps are skipped and halve it)')
+    flags.DEFINE_integer('log_every', 10, 'steps between log lines')
+    flags.DEFINE_integer('save_every', 1000, 'steps between checkpoints')
+    flags.DEFINE_integer('keep_checkpoints', 3, 'checkpoints kept')
+    flags.DEFINE_integer('eval_every', 5000, 'steps between validation passes (EMA weights; 0: never)')
+    flags.DEFINE_integer('samples_every', 1000, 'steps between sample grids (0: never)')
+    flags.DEFINE_integer('max_skips_in_a_row', 50, 'stop when this many updates in a row are skipped')
+    flags.DEFINE_boolean('test_eval', False, 'no training: evaluate --ckpt (or the logdir\'s latest '
+                         'checkpoint) on the test split')
+    flags.DEFINE_string('ckpt', None, 'checkpoint for --test_eval: a run folder or a ckpt-N prefix')
+
 
 # ---------------------------------------------------------------------------------------
 # Distribution strategy.
@@ -89,15 +94,12 @@ class TrainState:
 
     def checkpoint(self, **extra):
         return tf.train.Checkpoint(
-            weights={_key(v): v.value for v in self.model.weights},
-            ema={_key(v): e for v, e in zip(self.model.weights, self.ema)},
-            optimizer={_key(v): v.value for v in self.optimizer.variables},
+            weights={vdvae.checkpoint_key(v): v.value for v in self.model.weights},
+            ema={vdvae.checkpoint_key(v): e for v, e in zip(self.model.weights, self.ema)},
+            optimizer={vdvae.checkpoint_key(v): v.value for v in self.optimizer.variables},
             step=self.step, skipped=self.skipped, skips_in_a_row=self.skips_in_a_row,
             loss_scale=self.loss_scale, applied_in_a_row=self.applied_in_a_row, **extra)
 
-
-def _key(variable):
-    return variable.path.replace('/', '.')
 
 
 class WarmUp(keras.optimizers.schedules.LearningRateSchedule):
@@ -126,7 +128,7 @@ def create_state(hp, strategy, loss_scale=1.):
             WarmUp(hp.lr, hp.warmup_iters, step), beta_1=hp.adam_beta1, beta_2=hp.adam_beta2,
             epsilon=hp.adam_eps, weight_decay=hp.weight_decay)
         optimizer.build(model.trainable_variables)      # now, or the first step traces twice
-        ema = [tf.Variable(v.value, trainable=False, name=f'ema_{_key(v)}',
+        ema = [tf.Variable(v.value, trainable=False, name=f'ema_{vdvae.checkpoint_key(v)}',
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
                for v in model.weights]
         scale = tf.Variable(float(loss_scale), trainable=False, name='loss_scale',
@@ -269,36 +271,6 @@ def progress(label, done, total, t0):
           end=end, file=sys.stderr, flush=True)
 
 
-def sample_grid(model, x_in, target, temperatures=(1.0, 0.9, 0.8), seed=0):
-    """Rows: data; reconstructions keeping the first k posterior latents (the rest from the
-    prior at temperature 0.1) for k at a few points through the hierarchy; samples at each
-    temperature (the paper's figures 4 and 10)."""
-    n = x_in.shape[0]
-    rows = [vdvae.to_uint8(target)]
-    latents = model.posterior_latents(x_in, seed=[seed, 1])
-    for k in sorted({1, model.num_layers // 4, model.num_layers // 2, model.num_layers}):
-        rows.append(model.decode_images(latents[:k], temperature=0.1, seed=[seed, 2 + k]))
-    for i, t in enumerate(temperatures):
-        rows.append(model.sample(n, temperature=t, seed=[seed, 1000 + i]))
-    return grid(np.stack([r.numpy() for r in rows]))
-
-
-def grid(rows):
-    """(rows, cols, H, W, 3) uint8 -> one image with a 1-pixel gap."""
-    r, c, h, w, _ = rows.shape
-    out = np.full((r * (h + 1) - 1, c * (w + 1) - 1, 3), 255, np.uint8)
-    for i in range(r):
-        for j in range(c):
-            out[i * (h + 1):i * (h + 1) + h, j * (w + 1):j * (w + 1) + w] = rows[i, j]
-    return out
-
-
-def save_png(image, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(image).save(path + '.tmp.png')
-    os.replace(path + '.tmp.png', path)
-
-
 class Log:
     """One JSON object per line in log.jsonl, the same scalars in TensorBoard."""
 
@@ -336,48 +308,17 @@ def check_run_folder(logdir, hp):
     tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
 
 
-def load_run_hparams(ckpt):
-    """The hparams of a run folder or of a checkpoint prefix inside one."""
-    folder = ckpt if tf.io.gfile.isdir(ckpt) else os.path.dirname(os.path.dirname(ckpt))
-    path = os.path.join(folder, 'hparams.json')
-    if not tf.io.gfile.exists(path):
-        hparams.fail(f'{ckpt}: no hparams.json beside it; not a checkpoint of this project')
-    fields = json.loads(tf.io.gfile.GFile(path).read())
-    try:
-        return hparams.validate(hparams.HParams(**fields)), folder
-    except (TypeError, hparams.HParamsError) as e:
-        hparams.fail(f'{path}: {e}')
-
-
-def checkpoint_path(ckpt, folder):
-    if tf.io.gfile.isdir(ckpt):
-        latest = tf.train.latest_checkpoint(os.path.join(folder, 'ckpt'))
-        if latest is None:
-            hparams.fail(f'{ckpt}: no checkpoint in {os.path.join(folder, "ckpt")}')
-        return latest
-    if not tf.io.gfile.exists(ckpt + '.index'):
-        hparams.fail(f'{ckpt}: no such checkpoint ({ckpt}.index is missing)')
-    return ckpt
-
-
 # ---------------------------------------------------------------------------------------
 
 
 def test_eval(strategy):
-    hp, folder = load_run_hparams(FLAGS.ckpt or FLAGS.logdir or f'runs/{FLAGS.hparams}')
-    state = create_state(hp, strategy)
-    path = checkpoint_path(FLAGS.ckpt or folder, folder)
-    try:
-        state.checkpoint().restore(path).expect_partial()
-    except (tf.errors.OpError, ValueError, AssertionError) as e:
-        hparams.fail(f'{path}: cannot be restored ({str(e).splitlines()[0]})')
-    copy_ema(state, state.model)
+    model, hp, _, _, step = sample.load(FLAGS.ckpt or FLAGS.logdir or f'runs/{FLAGS.hparams}', strategy)
     total = data.split_size(hp.dataset, 'test', hp.image_size, FLAGS.data_dir)
-    result = evaluate(make_eval_step(state.model, hp, strategy),
+    result = evaluate(make_eval_step(model, hp, strategy),
                       data.eval_dataset(hp, 'test', strategy, FLAGS.data_dir), total, 'test')
     excluded = f', {result["nonfinite"]} non-finite excluded' if result['nonfinite'] else ''
     print(f'test {hp.dataset}: {result["elbo"]:.4f} nats/dim = {result["bits_per_dim"]:.4f} '
-          f'bits/dim over {result["images"]} images (EMA weights, step {int(state.step.numpy())}'
+          f'bits/dim over {result["images"]} images (EMA weights, step {step}'
           f'{excluded})')
     return result
 
@@ -473,7 +414,7 @@ def run(_):
         if step % FLAGS.save_every == 0 or step == hp.steps:
             manager.save(checkpoint_number=step)
         if chief and FLAGS.samples_every and (step % FLAGS.samples_every == 0 or step == hp.steps):
-            save_png(sample_grid(state.model, *preview, seed=step),
+            sample.save_png(sample.sample_grid(state.model, *preview, seed=step),
                      os.path.join(logdir, 'samples', f'step-{step:08d}.png'))
         if FLAGS.eval_every and (step % FLAGS.eval_every == 0 or step == hp.steps):
             copy_ema(state, eval_model)
@@ -487,4 +428,5 @@ def run(_):
 
 
 if __name__ == '__main__':
+    define_flags()
     hparams.run(main)

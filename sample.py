@@ -1,0 +1,470 @@
+"""Look at a trained VDVAE: samples at a temperature, reconstructions from the first k
+posterior latents, and where in the hierarchy the rate is spent.
+
+    python sample.py --ckpt=runs/imagenet32 --temp=0.85
+    python sample.py --ckpt=runs/imagenet32 --temp=1.0,0.9,0.8,0.7 --n=8   # a row per temperature
+    python sample.py --ckpt=runs/imagenet32 --mode=reconstruct [--images=FILE_OR_FOLDER]
+    python sample.py --ckpt=runs/imagenet32 --mode=stats
+
+The EMA weights and the hyperparameters come from the run folder (hparams.json); --ckpt is
+the folder (its latest checkpoint) or one ckpt-N prefix inside it.
+"""
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import flags
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+import tensorflow as tf
+
+import data
+import hparams
+import model as vdvae
+
+FLAGS = flags.FLAGS
+
+TEMPERATURE_HELP = """temperature of the prior's noise. Forms:
+  0.85                one temperature for every layer;
+  1.0,0.9,0.8         one grid row per temperature;
+  ramp:0.6:1.0        a linear ramp from the first (top) layer to the last;
+  res:1=0.6,4=0.8     a value per resolution (unlisted resolutions: 1.0);
+  layers:0.9,0.9,...  one value per decoder layer (exactly as many as layers);
+  A;B                 rows of any of these forms, e.g. 'ramp:0.6:1.0;0.85'.
+Default 1.0 for samples, 0.1 for the layers a reconstruction leaves to the prior."""
+
+
+def define_flags():
+    """The command line; defined only when sample.py is the program (train.py imports it)."""
+    flags.DEFINE_string('ckpt', None, 'run folder or ckpt-N prefix (required)')
+    flags.DEFINE_enum('mode', 'sample', ['sample', 'reconstruct', 'stats'],
+                      'sample: unconditional samples; reconstruct: keep the first k posterior '
+                      'latents (figure 4); stats: per-layer rate, CSV and plot (figure 5)')
+    flags.DEFINE_string('temp', None, TEMPERATURE_HELP)
+    flags.DEFINE_integer('n', 16, 'samples per temperature; images to reconstruct or to average stats over')
+    flags.DEFINE_integer('nrow', 8, 'images per grid row (sample mode)')
+    flags.DEFINE_integer('seed', 0, 'same seed, same images')
+    flags.DEFINE_integer('batch', 16, 'images per compiled batch')
+    flags.DEFINE_string('keep', None, 'reconstruct: comma list of k, the posterior latent layers '
+                        'kept (default: 1, L/8, L/4, L/2, 3L/4, L)')
+    flags.DEFINE_string('images', None, 'reconstruct / stats: an image file, a folder of images or '
+                        'a .npy (N, H, W, 3) uint8; default: the dataset\'s validation images')
+    flags.DEFINE_string('data_dir', None, 'tfds data_dir or dataset folder, for validation images')
+    flags.DEFINE_string('hparams', None, 'optional check: the preset the checkpoint must have been trained with')
+    flags.DEFINE_string('out', None, 'output PNG (stats: also a .csv beside it); default in '
+                        '<run folder>/figures/')
+    flags.DEFINE_boolean('overwrite', False, 'replace an existing --out')
+
+
+# ---------------------------------------------------------------------------------------
+# Run folders: hparams.json says what the checkpoints in ckpt/ hold.
+
+
+def load_run_hparams(ckpt):
+    """The hparams of a run folder or of a checkpoint prefix inside one."""
+    folder = ckpt if tf.io.gfile.isdir(ckpt) else os.path.dirname(os.path.dirname(ckpt))
+    path = os.path.join(folder, 'hparams.json')
+    if not tf.io.gfile.exists(path):
+        hparams.fail(f'{ckpt}: no hparams.json beside it; not a checkpoint of this project')
+    try:
+        fields = json.loads(tf.io.gfile.GFile(path).read())
+        return hparams.validate(hparams.HParams(**fields)), folder
+    except (TypeError, ValueError, hparams.HParamsError) as e:
+        hparams.fail(f'{path}: {e}')
+
+
+def checkpoint_path(ckpt, folder):
+    if tf.io.gfile.isdir(ckpt):
+        latest = tf.train.latest_checkpoint(os.path.join(folder, 'ckpt'))
+        if latest is None:
+            hparams.fail(f'{ckpt}: no checkpoint in {os.path.join(folder, "ckpt")}')
+        return latest
+    if not tf.io.gfile.exists(ckpt + '.index'):
+        hparams.fail(f'{ckpt}: no such checkpoint ({ckpt}.index is missing)')
+    return ckpt
+
+
+def load(ckpt, strategy=None):
+    """A model holding the EMA weights of `ckpt` -> (model, hp, run folder, checkpoint path, step)."""
+    hp, folder = load_run_hparams(ckpt)
+    path = checkpoint_path(ckpt, folder)
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        model = vdvae.VDVAE(hp)
+        step = tf.Variable(0, dtype=tf.int64)
+    reader = tf.train.Checkpoint(ema={vdvae.checkpoint_key(v): v.value for v in model.weights}, step=step)
+    try:
+        reader.read(path).assert_existing_objects_matched().expect_partial()
+    except (tf.errors.OpError, ValueError, AssertionError) as e:
+        hparams.fail(f'{path}: cannot be restored into a {hp.dataset} model of this project '
+                     f'({str(e).splitlines()[0][:300]})')
+    return model, hp, folder, path, int(step.numpy())
+
+
+def check_preset(hp, preset):
+    """--hparams is optional; if given, the checkpoint's architecture must be that preset's."""
+    expected = hparams.exit_on_error(hparams.load, preset)
+    training_only = {'lr', 'adam_beta1', 'adam_beta2', 'adam_eps', 'weight_decay', 'warmup_iters',
+                     'ema_rate', 'grad_clip', 'skip_threshold', 'batch_size', 'steps', 'seed'}
+    diff = [f.name for f in dataclasses.fields(hp)
+            if f.name not in training_only and getattr(hp, f.name) != getattr(expected, f.name)]
+    if diff:
+        hparams.fail(f'the checkpoint is not a {preset} model: {", ".join(diff)} differ; '
+                     'drop --hparams (the checkpoint knows its own)')
+
+
+# ---------------------------------------------------------------------------------------
+# Temperatures.
+
+
+def parse_temperatures(spec, model):
+    """--temp text -> [(label, float or (num_layers,) float32 array)], one per grid row."""
+    rows = spec.split(';') if ';' in spec or ':' in spec else spec.split(',')
+    return [(row.strip(), _schedule(row.strip(), model)) for row in rows]
+
+
+def _number(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f'--temp: {text!r} is not a number') from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f'--temp: {text} must be a finite number >= 0')
+    return value
+
+
+def _schedule(row, model):
+    kind, _, rest = row.partition(':')
+    resolutions = np.array([res for res, _ in model.decoder.blocks])
+    if not rest:
+        return _number(kind)
+    if kind == 'ramp':
+        ends = rest.split(':')
+        if len(ends) != 2:
+            raise ValueError(f'--temp: {row!r}; a ramp is ramp:FIRST:LAST')
+        return np.linspace(_number(ends[0]), _number(ends[1]), model.num_layers).astype(np.float32)
+    if kind == 'layers':
+        values = [_number(v) for v in rest.split(',')]
+        model.temperatures(values)       # the one place that checks the length
+        return np.array(values, np.float32)
+    if kind == 'res':
+        out = np.ones(model.num_layers, np.float32)
+        for item in rest.split(','):
+            res, eq, value = item.partition('=')
+            if not eq or not res.strip().isdigit() or int(res) not in resolutions:
+                raise ValueError(f'--temp: {item!r} must be RES=VALUE with RES one of the '
+                                 f'decoder\'s resolutions {sorted(set(resolutions.tolist()))}')
+            out[resolutions == int(res)] = _number(value)
+        return out
+    raise ValueError(f'--temp: unknown form {kind!r}; see --help (ramp:, res:, layers:)')
+
+
+# ---------------------------------------------------------------------------------------
+# The figures' computations.
+
+
+def make_sampler(model):
+    """(n, temperature, seed) -> uint8 images. The prior path only, one compiled graph per
+    batch size; temperatures are a tensor, so every schedule reuses the graph."""
+    graph = tf.function(lambda n, temperatures, seed: model.sample(n, temperatures, seed),
+                        autograph=False, reduce_retracing=False)
+
+    def sample(n, temperature, seed):
+        return graph(n, model.temperatures(temperature), tf.constant(seed, tf.int32))
+    sample.graph = graph
+    return sample
+
+
+def generate(sampler, n, temperature, seed, batch, timings=None):
+    """n images in batches; batch i uses seed (seed, i), so the same seed gives the same images."""
+    out = []
+    for i, start in enumerate(range(0, n, batch)):
+        t0 = time.time()
+        out.append(sampler(min(batch, n - start), temperature, [seed, i]).numpy())
+        if timings is not None:
+            timings.append((len(out[-1]), time.time() - t0))
+    return np.concatenate(out)
+
+
+def latent_share(model):
+    """Cumulative share of the latent dimensions held by the first k layers, k = 1..L."""
+    dims = np.array([res * res * model.hp.zdim for res, _ in model.decoder.blocks], np.float64)
+    return np.cumsum(dims) / dims.sum()
+
+
+def default_keep(model):
+    L = model.num_layers
+    return sorted({max(1, L * f // 8) for f in (0, 1, 2, 4, 6, 8)})
+
+
+def reconstructions(model, x_in, keep, temperature=0.1, seed=0):
+    """For each k in `keep`: images decoded from the first k posterior latents of x_in, the
+    remaining layers drawn from the prior at `temperature`."""
+    latents = model.posterior_latents(x_in, seed=[seed, 0])
+    return [model.decode_images(latents[:k], temperature=temperature, seed=[seed, k]).numpy()
+            for k in keep]
+
+
+def rate_per_layer(model, x_in, batch, seed=0):
+    """(num_layers,) average KL of each decoder layer in bits/dim over the images x_in."""
+    graph = tf.function(lambda x, s: model.rate_per_layer(x, seed=s), autograph=False)
+    rates = [graph(x_in[i:i + batch], tf.constant([seed, i], tf.int32)).numpy()
+             for i in range(0, len(x_in), batch)]
+    return np.concatenate(rates).mean(0) / math.log(2)
+
+
+def sample_grid(model, x_in, target, temperatures=(1.0, 0.9, 0.8), seed=0):
+    """The training preview. Rows: data; reconstructions from the first 1, L/4, L/2 and L
+    posterior latents (the rest at temperature 0.1); samples at each temperature."""
+    keep = sorted({1, model.num_layers // 4, model.num_layers // 2, model.num_layers} - {0})
+    rows = [vdvae.to_uint8(target).numpy()] + reconstructions(model, x_in, keep, 0.1, seed)
+    rows += [model.sample(len(x_in), t, [seed, 1000 + i]).numpy() for i, t in enumerate(temperatures)]
+    return grid(np.stack(rows))
+
+
+# ---------------------------------------------------------------------------------------
+# Pictures: grids with labels, and line plots, drawn with PIL alone.
+
+
+def grid(rows):
+    """(rows, cols, H, W, 3) uint8 -> one image with a 1-pixel gap."""
+    r, c, h, w, _ = rows.shape
+    out = np.full((r * (h + 1) - 1, c * (w + 1) - 1, 3), 255, np.uint8)
+    for i in range(r):
+        for j in range(c):
+            out[i * (h + 1):i * (h + 1) + h, j * (w + 1):j * (w + 1) + w] = rows[i, j]
+    return out
+
+
+def save_png(image, path):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    Image.fromarray(image).save(path + '.tmp.png')
+    os.replace(path + '.tmp.png', path)
+
+
+def _font(size=12):
+    return ImageFont.load_default(size=size)
+
+
+def labelled(image, top=(), left=(), cell=None, scale=1):
+    """Upscale a grid by `scale` and write a label above each column / beside each row."""
+    img = Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
+    font = _font()
+    lh = 14 * max((len(str(t).split('\n')) for t in top), default=0)
+    lw = max((int(font.getlength(str(t))) + 8 for t in left), default=0)
+    out = Image.new('RGB', (img.width + lw, img.height + lh), 'white')
+    out.paste(img, (lw, lh))
+    draw = ImageDraw.Draw(out)
+    ch, cw = (cell[0] + 1) * scale, (cell[1] + 1) * scale
+    for j, text in enumerate(top):
+        draw.multiline_text((lw + j * cw + 2, 1), str(text), fill='black', font=font, spacing=2)
+    for i, text in enumerate(left):
+        draw.text((2, lh + i * ch + ch // 2 - 7), str(text), fill='black', font=font)
+    return np.asarray(out)
+
+
+def _nice_ceiling(v):
+    """The smallest of 1, 2, 2.5, 5 x 10^k that is >= v: round axis ends."""
+    if v <= 0:
+        return 1.
+    base = 10. ** math.floor(math.log10(v))
+    return next(m * base for m in (1, 2, 2.5, 5, 10) if m * base >= v * (1 - 1e-9))
+
+
+def line_plot(draw, box, xs, ys, title, xlabel, ylabel, xticks, marks=(), ymax=None):
+    """A line through (xs, ys) in box=(left, top, right, bottom); xticks [(x, label)];
+    marks [(x, label)] become dotted vertical lines."""
+    left, top, right, bottom = box
+    font = _font()
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y1 = ymax or _nice_ceiling(max(ys))
+    px = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
+    py = lambda y: bottom - y / y1 * (bottom - top)
+    draw.rectangle(box, outline='black')
+    for x, label in marks:
+        for y in range(int(top), int(bottom), 6):
+            draw.line([(px(x), y), (px(x), y + 2)], fill=(150, 150, 150))
+        draw.text((px(x) + 2, top + 2), label, fill=(110, 110, 110), font=font)
+    for k in range(5):
+        y = y1 * k / 4
+        draw.line([(left - 4, py(y)), (left, py(y))], fill='black')
+        draw.text((left - 6, py(y)), f'{y:.3g}', fill='black', font=font, anchor='rm')
+    for x, label in xticks:
+        draw.line([(px(x), bottom), (px(x), bottom + 4)], fill='black')
+        draw.text((px(x), bottom + 6), str(label), fill='black', font=font, anchor='mt')
+    draw.line([(px(x), py(y)) for x, y in zip(xs, ys)], fill=(31, 90, 180), width=2)
+    for x, y in zip(xs, ys):
+        draw.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=(31, 90, 180))
+    draw.text(((left + right) / 2, top - 22), title, fill='black', font=_font(14), anchor='mb')
+    draw.text(((left + right) / 2, bottom + 24), xlabel, fill='black', font=font, anchor='mt')
+    draw.text((left, top - 4), ylabel, fill='black', font=font, anchor='lb')
+
+
+def stats_figure(model, bits):
+    """Figure 5 (cumulative rate against layer) beside figure 4, left (cumulative share of
+    latent dimensions by resolution)."""
+    res = [r for r, _ in model.decoder.blocks]
+    layers = np.arange(1, len(res) + 1)
+    changes = [(i + 1, f'{r}x{r}') for i, r in enumerate(res) if i == 0 or r != res[i - 1]]
+    ticks = sorted({1, len(res)} | {int(t) for t in np.linspace(1, len(res), 6)})
+    share = latent_share(model)
+    by_res = sorted(set(res))
+    res_share = [100 * share[max(i for i, r in enumerate(res) if r <= top)] for top in by_res]
+    img = Image.new('RGB', (1180, 430), 'white')
+    draw = ImageDraw.Draw(img)
+    line_plot(draw, (90, 50, 620, 360), layers, np.cumsum(bits), 'cumulative rate (KL) by layer',
+              'decoder layer (top to bottom)', 'bits/dim', [(t, t) for t in ticks], changes)
+    line_plot(draw, (760, 50, 1150, 360), np.arange(len(by_res)), res_share,
+              'cumulative share of latent dimensions', 'resolution (layers up to it)', '% of dims',
+              [(i, f'{r}x{r}') for i, r in enumerate(by_res)], ymax=100)
+    draw.text((10, 410), f'total rate {bits.sum():.4f} bits/dim over {len(res)} layers',
+              fill='black', font=_font())
+    return np.asarray(img)
+
+
+# ---------------------------------------------------------------------------------------
+# The command line.
+
+
+def read_images(spec, hp, n, data_dir=None):
+    """uint8 (m, S, S, 3): --images (a file, a folder or a .npy), else n validation images
+    spread over the split (splits may be sorted, e.g. by label)."""
+    size = hp.image_size
+    if spec is None:
+        total = data.split_size(hp.dataset, 'valid', size, data_dir)
+        split = data.load_split(hp.dataset, 'valid', size, data_dir)
+        return np.stack(list(split.shard(max(total // n, 1), 0).take(n).as_numpy_iterator()))
+    if not os.path.exists(spec):
+        hparams.fail(f'--images={spec}: no such file or folder')
+    if spec.endswith('.npy'):
+        images, names = np.load(spec, mmap_mode='r')[:n], [spec] * n
+    else:
+        paths = sorted(os.path.join(spec, f) for f in os.listdir(spec)
+                       if f.lower().endswith(('.png', '.jpg', '.jpeg', '.bmp', '.webp'))) \
+            if os.path.isdir(spec) else [spec]
+        if not paths:
+            hparams.fail(f'--images={spec}: no .png/.jpg/.bmp/.webp images in the folder')
+        images, names = [], paths[:n]
+        for p in names:
+            try:
+                images.append(np.asarray(Image.open(p).convert('RGB')))
+            except OSError as e:
+                hparams.fail(f'{p}: not a readable image ({e})')
+    for image, name in zip(images, names):
+        if image.shape != (size, size, 3):
+            hparams.fail(f'{name}: image of shape {image.shape}; this model takes {size}x{size} '
+                         f'RGB images ({size}, {size}, 3)')
+    return np.asarray(images, np.uint8)
+
+
+def output_path(folder, name):
+    path = FLAGS.out or os.path.join(folder, 'figures', name)
+    if os.path.exists(path) and not FLAGS.overwrite:
+        hparams.fail(f'{path} exists; pass --overwrite or another --out')
+    return path
+
+
+def sample_mode(model, hp, folder):
+    try:
+        rows = parse_temperatures(FLAGS.temp or '1.0', model)
+    except ValueError as e:
+        hparams.fail(e)
+    sampler, timings, images = make_sampler(model), [], []
+    for i, (_, temperature) in enumerate(rows):
+        images.append(generate(sampler, FLAGS.n, temperature, FLAGS.seed + 7919 * i, FLAGS.batch, timings))
+    per_row = min(FLAGS.nrow, FLAGS.n)
+    cells, labels = [], []
+    for (label, _), imgs in zip(rows, images):
+        pad = -len(imgs) % per_row
+        imgs = np.concatenate([imgs, np.full((pad,) + imgs.shape[1:], 255, np.uint8)])
+        cells += list(imgs.reshape(-1, per_row, *imgs.shape[1:]))
+        labels += [f't={label}'] + [''] * (len(imgs) // per_row - 1)
+    picture = grid(np.stack(cells))
+    if len(rows) > 1 or ':' in rows[0][0]:
+        picture = labelled(picture, left=labels, cell=images[0].shape[1:3], scale=max(1, 64 // hp.image_size))
+    name = re.sub(r'[^0-9a-z.=_-]+', '_', (FLAGS.temp or '1.0').lower())
+    path = output_path(folder, f'samples-t{name}-seed{FLAGS.seed}.png')
+    save_png(picture, path)
+    steady = timings[1:] or timings          # the first batch also traces the graph
+    rate = sum(n for n, _ in steady) / sum(t for _, t in steady)
+    print(f'{FLAGS.n * len(rows)} samples in {sum(t for _, t in timings):.1f} s: {rate:.1f} images/s'
+          f'{"" if len(timings) > 1 else " (including tracing)"}, first batch {timings[0][1]:.1f} s; '
+          f'wrote {path}')
+
+
+def reconstruct_mode(model, hp, folder):
+    try:
+        keep = ([int(k) for k in FLAGS.keep.split(',')] if FLAGS.keep else default_keep(model))
+    except ValueError:
+        hparams.fail(f'--keep={FLAGS.keep}: give a comma list of whole numbers')
+    if not all(1 <= k <= model.num_layers for k in keep):
+        hparams.fail(f'--keep={FLAGS.keep}: every k must lie in 1..{model.num_layers} (the decoder\'s layers)')
+    try:
+        temperature = parse_temperatures(FLAGS.temp or '0.1', model)[0][1]
+    except ValueError as e:
+        hparams.fail(e)
+    images = read_images(FLAGS.images, hp, FLAGS.n, FLAGS.data_dir)
+    x_in, target = data.preprocess(images, hp)
+    parts = [reconstructions(model, x_in[s:s + FLAGS.batch], keep, temperature, FLAGS.seed + s)
+             for s in range(0, len(images), FLAGS.batch)]
+    columns = [images] + [np.concatenate([p[j] for p in parts]) for j in range(len(keep))]
+    share = latent_share(model)
+    top = ['data'] + [f'k={k}\n{100 * share[k - 1]:.3g}%' for k in keep]
+    picture = labelled(grid(np.stack(columns, 1)), top=top, cell=images.shape[1:3],
+                       scale=max(1, 64 // hp.image_size))
+    path = output_path(folder, f'reconstructions-seed{FLAGS.seed}.png')
+    save_png(picture, path)
+    for k in keep:
+        print(f'k={k:4d}: first {k} of {model.num_layers} layers, {100 * share[k - 1]:.2f}% of the latent dimensions')
+    print(f'wrote {path}: {len(images)} images; columns: data, then k = {", ".join(map(str, keep))}')
+
+
+def stats_mode(model, hp, folder):
+    images = read_images(FLAGS.images, hp, FLAGS.n, FLAGS.data_dir)
+    bits = rate_per_layer(model, data.preprocess(images, hp)[0], FLAGS.batch, FLAGS.seed)
+    path = output_path(folder, 'stats.png')
+    csv_path = os.path.splitext(path)[0] + '.csv'
+    share, cumulative = latent_share(model), np.cumsum(bits)
+    with open(csv_path + '.tmp', 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['layer', 'resolution', 'latent_dims', 'kl_bits_per_dim', 'cumulative_bits_per_dim',
+                    'cumulative_latent_share'])
+        for i, (res, _) in enumerate(model.decoder.blocks):
+            w.writerow([i + 1, res, res * res * hp.zdim, f'{bits[i]:.8g}', f'{cumulative[i]:.8g}',
+                        f'{share[i]:.6f}'])
+    os.replace(csv_path + '.tmp', csv_path)
+    save_png(stats_figure(model, bits), path)
+    top = np.argsort(bits)[::-1][:3]
+    print(f'rate {bits.sum():.4f} bits/dim over {len(images)} images; largest layers: '
+          + ', '.join(f'{i + 1} ({model.decoder.blocks[i][0]}x{model.decoder.blocks[i][0]}, '
+                      f'{bits[i]:.4f})' for i in top))
+    print(f'wrote {csv_path} and {path}')
+
+
+def main(_):
+    tf.get_logger().setLevel('ERROR')
+    if not FLAGS.ckpt:
+        hparams.fail('--ckpt is required: a run folder or a ckpt-N prefix')
+    for name in ('n', 'nrow', 'batch'):
+        if FLAGS[name].value < 1:
+            hparams.fail(f'--{name}={FLAGS[name].value} must be at least 1')
+    model, hp, folder, path, step = load(FLAGS.ckpt)
+    if FLAGS.hparams:
+        check_preset(hp, FLAGS.hparams)
+    print(f'{path}: {hp.dataset} {hp.image_size}x{hp.image_size}, {model.num_layers} layers, '
+          f'EMA weights at step {step}')
+    try:
+        dict(sample=sample_mode, reconstruct=reconstruct_mode, stats=stats_mode)[FLAGS.mode](model, hp, folder)
+    except data.DataError as e:
+        hparams.fail(e)
+
+
+if __name__ == '__main__':
+    define_flags()
+    hparams.run(main)

@@ -1,0 +1,214 @@
+"""sample.py on a tiny checkpoint made here: EMA loading, temperatures and schedules,
+reconstructions from the first k latents, per-layer rate, and the command line's errors."""
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+import tensorflow as tf
+
+import hparams
+import model as vdvae
+import sample
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    """A run folder whose EMA weights differ from its raw weights everywhere, so loading the
+    wrong ones shows, and whose prior is not the all-zero initial one."""
+    folder = str(tmp_path_factory.mktemp('run'))
+    hp = hparams.load('tiny')
+    keras.utils.set_random_seed(3)
+    state = train.create_state(hp, tf.distribute.get_strategy())
+    rng = np.random.default_rng(0)
+    for e in state.ema:
+        e.assign(e + rng.normal(0, 0.05, e.shape).astype(np.float32))
+    train.check_run_folder(folder, hp)
+    tf.train.CheckpointManager(state.checkpoint(), os.path.join(folder, 'ckpt'), 1).save(checkpoint_number=7)
+    return folder, [e.numpy() for e in state.ema]
+
+
+@pytest.fixture(scope='module')
+def loaded(run):
+    return sample.load(run[0])[0]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+
+
+def _error_line(r):
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    lines = [l for l in r.stderr.splitlines() if l.startswith('error:')]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_load_gives_the_ema_weights_the_hparams_and_the_step(run):
+    m, hp, folder, path, step = sample.load(run[0])
+    assert hp == hparams.load('tiny') and folder == run[0] and path.endswith('ckpt-7') and step == 0
+    for v, e in zip(m.weights, run[1]):
+        np.testing.assert_array_equal(v.numpy(), e, err_msg=v.path)
+
+
+def test_the_cli_writes_a_grid_of_the_requested_shape(run, tmp_path):
+    out = str(tmp_path / 'grid.png')
+    r = _cli(f'--ckpt={run[0]}', '--temp=0.85', '--n=6', '--nrow=3', f'--out={out}')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'images/s' in r.stdout
+    image = np.asarray(Image.open(out))
+    assert image.dtype == np.uint8 and image.shape == (2 * 17 - 1, 3 * 17 - 1, 3)   # 16 px + 1 px gaps
+    # One labelled row per temperature, upscaled 4x for legibility.
+    out2 = str(tmp_path / 'rows.png')
+    r = _cli(f'--ckpt={run[0]}', '--temp=1.0,0.5,0.0', '--n=4', '--nrow=4', f'--out={out2}')
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = np.asarray(Image.open(out2))
+    assert rows.shape[0] == 4 * (3 * 17 - 1) and rows.shape[1] > 4 * (4 * 17 - 1)
+
+
+def test_same_seed_same_images_and_one_graph_per_batch_size(loaded):
+    sampler = sample.make_sampler(loaded)
+    a = sample.generate(sampler, 6, 1.0, seed=5, batch=4)
+    assert a.shape == (6, 16, 16, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, sample.generate(sampler, 6, 1.0, seed=5, batch=4))
+    assert not np.array_equal(a, sample.generate(sampler, 6, 1.0, seed=6, batch=4))
+    # Batches of 4 and 2 so far; other temperatures and schedules reuse those graphs.
+    sample.generate(sampler, 6, 0.3, seed=5, batch=4)
+    sample.generate(sampler, 6, np.linspace(0, 1, loaded.num_layers), seed=5, batch=4)
+    assert sampler.graph.experimental_get_tracing_count() == 2
+    # The prior path only: the sampling graph never reads the encoder.
+    concrete = sampler.graph.get_concrete_function(4, tf.TensorSpec([loaded.num_layers]),
+                                                  tf.TensorSpec([2], tf.int32))
+    read = {id(v) for v in concrete.variables}
+    assert not read & {id(v.value) for v in loaded.encoder.weights}
+    assert read & {id(v.value) for v in loaded.decoder.weights}
+
+
+def test_lower_temperature_gives_less_variation_across_samples(run):
+    m = sample.load(run[0])[0]
+    # Near-deterministic pixels (one mixture component, tiny scales), so what varies between
+    # samples is what the latents make vary.
+    M, bias = m.hp.num_mixtures, m.decoder.out_bias.numpy()
+    bias[0] = 30.
+    for c in range(3):
+        bias[M + 3 * M * c + M:M + 3 * M * c + 2 * M] = -7.
+    m.decoder.out_bias.assign(bias)
+    sampler = sample.make_sampler(m)
+    variance = {t: sample.generate(sampler, 32, t, seed=1, batch=32).astype(np.float64).var(0).mean()
+                for t in (0.0, 0.5, 1.0)}
+    assert variance[0.0] < 0.5 * variance[0.5] < 0.5 * variance[1.0], variance
+    # At temperature 0 every latent is its prior mean: the distribution over pixels is the
+    # same whatever the seed.
+    p = [m.decode([], 2, 0.0, seed=[s, 0]).numpy() for s in (1, 2)]
+    np.testing.assert_allclose(p[0], p[1], atol=1e-6)
+    np.testing.assert_allclose(p[0][0], p[0][1], atol=1e-6)
+
+
+def test_temperature_schedules(loaded):
+    L, res = loaded.num_layers, np.array([r for r, _ in loaded.decoder.blocks])
+    rows = sample.parse_temperatures('1.0,0.9', loaded)
+    assert [t for _, t in rows] == [1.0, 0.9]
+    (_, ramp), = sample.parse_temperatures('ramp:0.2:1.0', loaded)
+    np.testing.assert_allclose(ramp, np.linspace(0.2, 1.0, L))
+    (_, per_res), = sample.parse_temperatures('res:1=0.5,16=0.7', loaded)
+    np.testing.assert_allclose(per_res, np.where(res == 1, 0.5, np.where(res == 16, 0.7, 1.0)))
+    values = ','.join(str(0.1 * i) for i in range(L))
+    (_, layers), (_, one) = sample.parse_temperatures(f'layers:{values};0.85', loaded)
+    assert layers.shape == (L,) and one == 0.85
+    for bad, words in [(f'layers:{values},0.5', f'{L + 1} values; the decoder has {L} layers'),
+                       ('layers:0.5', f'1 values; the decoder has {L} layers'),
+                       ('res:3=0.5', 'resolutions [1, 4, 8, 16]'), ('warm', 'not a number'),
+                       ('-1', '>= 0'), ('ramp:1', 'ramp:FIRST:LAST')]:
+        with pytest.raises(ValueError, match=words.replace('[', r'\[')):
+            sample.parse_temperatures(bad, loaded)
+    # A schedule reaches every layer: all zeros is temperature 0, and the ramp is neither end.
+    sampler = sample.make_sampler(loaded)
+    zeros = sample.generate(sampler, 4, np.zeros(L, np.float32), seed=2, batch=4)
+    np.testing.assert_array_equal(zeros, sample.generate(sampler, 4, 0.0, seed=2, batch=4))
+    ramped = sample.generate(sampler, 4, ramp, seed=2, batch=4)
+    for t in (0.2, 1.0):
+        assert not np.array_equal(ramped, sample.generate(sampler, 4, t, seed=2, batch=4))
+
+
+def _images(n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, 16, 16, 3)).astype(np.uint8)
+
+
+def test_reconstruction_from_all_latents_is_the_models_own_decoding(loaded):
+    images = _images()
+    x_in, target = sample.data.preprocess(images, loaded.hp)
+    L = loaded.num_layers
+    latents = loaded.posterior_latents(x_in, seed=[4, 0])
+    # The prior path fed the posterior's latents computes what the posterior path computed.
+    params_posterior, _ = loaded.decoder.top_down(4, acts=loaded.encoder.activations(x_in), seed=[4, 0])
+    np.testing.assert_allclose(loaded.decode(latents), params_posterior, atol=1e-5)
+    cold, warm = (sample.reconstructions(loaded, x_in, [2, L], t, seed=4) for t in (0.1, 1.0))
+    np.testing.assert_array_equal(cold[1], loaded.decode_images(latents, seed=[4, L]))
+    np.testing.assert_array_equal(cold[1], warm[1])          # nothing left to the prior
+    assert not np.array_equal(cold[0], warm[0])              # k=2: the rest comes from the prior
+    share = sample.latent_share(loaded)
+    assert share[-1] == 1 and np.all(np.diff(share) > 0)
+    assert share[0] == pytest.approx(4 / (4 + 3 * 16 * 4 + 3 * 64 * 4 + 3 * 256 * 4))   # zdim 4; 1, 3, 3, 3 layers
+
+
+def test_reconstruct_cli_with_a_folder_of_images(run, tmp_path):
+    folder = tmp_path / 'imgs'
+    folder.mkdir()
+    for i, image in enumerate(_images(3)):
+        Image.fromarray(image).save(folder / f'{i}.png')
+    out = str(tmp_path / 'rec.png')
+    r = _cli(f'--ckpt={run[0]}', '--mode=reconstruct', f'--images={folder}', '--keep=1,5,10', f'--out={out}')
+    assert r.returncode == 0, r.stderr[-2000:]
+    share = sample.latent_share(sample.load(run[0])[0])
+    for k in (1, 5, 10):
+        assert f'k={k:4d}: first {k} of 10 layers, {100 * share[k - 1]:.2f}% of the latent dimensions' in r.stdout
+    picture = np.asarray(Image.open(out))
+    assert picture.shape[1] == 4 * (4 * 17 - 1) and picture.shape[0] > 4 * (3 * 17 - 1)
+
+
+def test_stats_csv_sums_to_the_models_rate(run, tmp_path):
+    images = _images(6, seed=1)
+    np.save(tmp_path / 'images.npy', images)
+    out = str(tmp_path / 'stats.png')
+    r = _cli(f'--ckpt={run[0]}', '--mode=stats', f'--images={tmp_path}/images.npy', '--batch=4',
+             '--seed=3', f'--out={out}')
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / 'stats.csv')))
+    m = sample.load(run[0])[0]
+    assert [int(r['layer']) for r in rows] == list(range(1, m.num_layers + 1))
+    x_in, target = sample.data.preprocess(images, m.hp)
+    rate = np.concatenate([m.losses_per_image(x_in[i:i + 4], target[i:i + 4], seed=[3, i])['rate']
+                           for i in (0, 4)]).mean() / math.log(2)
+    kl = np.array([float(r['kl_bits_per_dim']) for r in rows])
+    assert kl.sum() == pytest.approx(rate, rel=1e-5) and np.all(kl >= 0)
+    assert float(rows[-1]['cumulative_bits_per_dim']) == pytest.approx(rate, rel=1e-5)
+    assert float(rows[-1]['cumulative_latent_share']) == 1.0
+    assert np.asarray(Image.open(out)).ndim == 3
+
+
+def test_bad_input_ends_in_one_line(run, tmp_path):
+    assert 'no hparams.json' in _error_line(_cli(f'--ckpt={tmp_path}/nothing'))
+    # A foreign checkpoint: another configuration's weights under this run's hparams.json.
+    foreign = tmp_path / 'foreign'
+    state = train.create_state(hparams.load('tiny', width=16), tf.distribute.get_strategy())
+    tf.train.CheckpointManager(state.checkpoint(), str(foreign / 'ckpt'), 1).save(checkpoint_number=1)
+    (foreign / 'hparams.json').write_text(open(os.path.join(run[0], 'hparams.json')).read())
+    assert 'cannot be restored' in _error_line(_cli(f'--ckpt={foreign}'))
+    assert 'not a cifar10 model' in _error_line(_cli(f'--ckpt={run[0]}', '--hparams=cifar10'))
+    assert 'the decoder has 10 layers' in _error_line(_cli(f'--ckpt={run[0]}', '--temp=layers:1,1'))
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tmp_path / 'digit.png')
+    line = _error_line(_cli(f'--ckpt={run[0]}', '--mode=reconstruct', f'--images={tmp_path}/digit.png'))
+    assert 'digit.png' in line and '16x16' in line
+    (tmp_path / 'taken.png').write_bytes(b'mine')
+    assert 'exists' in _error_line(_cli(f'--ckpt={run[0]}', f'--out={tmp_path}/taken.png'))
+    assert (tmp_path / 'taken.png').read_bytes() == b'mine'
