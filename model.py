@@ -107,6 +107,11 @@ def gaussian_kl(q_mean, q_logsigma, p_mean, p_logsigma):
             + 0.5 * (tf.exp(q_logsigma) ** 2 + (q_mean - p_mean) ** 2) / tf.exp(p_logsigma) ** 2)
 
 
+def gaussian_log_density(x, mean, logsigma):
+    """log N(x; mean, exp(logsigma)^2) per element."""
+    return -0.5 * ((x - mean) * tf.exp(-logsigma)) ** 2 - logsigma - 0.5 * math.log(2. * math.pi)
+
+
 def _normal(shape, seed, rows=None):
     if rows is None:
         return tf.random.stateless_normal(shape, seed)
@@ -408,6 +413,20 @@ class VDVAE(keras.Model):
         distortion = dmol_nll(params, target, self.hp.low_bit)
         rate = tf.add_n([l['kl'] for l in layers]) / self._dims()
         return dict(elbo=distortion + rate, distortion=distortion, rate=rate)
+
+    def log_weights(self, x_in, target, seed=None):
+        """log p(x, z) - log q(z | x) in nats per image, for one z ~ q(z | x): the ELBO's
+        integrand with every latent's full Gaussian log-density (not the analytic KL), so its
+        mean over z is -elbo * dims and its log-mean-exp over K draws is the tighter
+        importance-weighted bound on log p(x) (Burda et al., 2015)."""
+        params, layers = self._posterior_pass(x_in, seed)
+        log_ratio = []
+        for l in layers:
+            z, (q_mean, q_logsigma), (p_mean, p_logsigma) = [
+                tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), l[k]) for k in ('z', 'q', 'p')]
+            log_ratio.append(tf.reduce_sum(gaussian_log_density(z, p_mean, p_logsigma)
+                                           - gaussian_log_density(z, q_mean, q_logsigma), axis=[1, 2, 3]))
+        return -dmol_nll(params, target, self.hp.low_bit) * self._dims() + tf.add_n(log_ratio)
 
     def rate_per_layer(self, x_in, seed=None):
         """(B, num_layers): each decoder layer's KL in nats/dim; rows sum to `rate`."""

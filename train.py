@@ -16,7 +16,7 @@ import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import flags
+from absl import flags, logging
 import keras
 import tensorflow as tf
 
@@ -50,6 +50,8 @@ def define_flags():
     flags.DEFINE_boolean('test_eval', False, 'no training: evaluate --ckpt (or the logdir\'s latest '
                          'checkpoint) on the test split')
     flags.DEFINE_string('ckpt', None, 'checkpoint for --test_eval: a run folder or a ckpt-N prefix')
+    flags.DEFINE_integer('iw_samples', 0, 'with --test_eval: also the importance-weighted bound on '
+                         'log p(x) from this many posterior draws per image (0: ELBO only)')
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,6 +239,39 @@ def make_eval_step(model, hp, strategy):
     return eval_step
 
 
+def make_iw_eval_step(model, hp, strategy, samples):
+    """(x_in, target, mask) -> the sums make_eval_step gives, with `elbo` replaced by the
+    importance-weighted bound -log mean_k p(x, z_k) / q(z_k | x) in nats/dim. A while loop
+    over the draws, a few per pass (the batch tiled), keeps memory at a few batches."""
+    per_pass = max(d for d in range(1, 5) if samples % d == 0)
+    dims = float(hp.image_size ** 2 * hp.image_channels)
+
+    def replica_iw(x_in, target, mask):
+        ctx, n = tf.distribute.get_replica_context(), tf.shape(x_in)[0]
+        x_rep, t_rep = tf.tile(x_in, [per_pass, 1, 1, 1]), tf.tile(target, [per_pass, 1, 1, 1])
+
+        def draw(i, log_sum):
+            log_w = model.log_weights(x_rep, t_rep, seed=tf.stack([hp.seed, -2 - i]))
+            both = tf.concat([log_sum[None], tf.reshape(log_w, [per_pass, n])], 0)
+            return i + 1, tf.reduce_logsumexp(both, axis=0)      # stable running log-sum-exp
+
+        _, log_sum = tf.while_loop(lambda i, _: i < samples // per_pass, draw,
+                                   (tf.constant(0), tf.fill([n], -float('inf'))))
+        bound = -(log_sum - math.log(samples)) / dims
+        finite = tf.math.is_finite(bound)
+        ok = tf.where(finite, mask, 0.)
+        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, dict(
+            elbo=tf.reduce_sum(tf.where(finite, bound, 0.) * ok), images=tf.reduce_sum(ok),
+            nonfinite=tf.reduce_sum(tf.where(finite, 0., mask))))
+
+    @tf.function(autograph=False)
+    def iw_step(x_in, target, mask):
+        out = strategy.run(replica_iw, args=(x_in, target, mask))
+        return {k: strategy.experimental_local_results(v)[0] for k, v in out.items()}
+
+    return iw_step
+
+
 def evaluate(eval_step, dataset, total=None, label='eval'):
     """Average per-image nats/dim over one pass of `dataset`; bits/dim alongside."""
     sums, t0 = {}, time.time()
@@ -247,7 +282,7 @@ def evaluate(eval_step, dataset, total=None, label='eval'):
             if total:
                 progress(label, sums['images'] + sums['nonfinite'], total, t0)
     n = max(sums.get('images', 0.), 1.)
-    out = {k: sums.get(k, 0.) / n for k in ('elbo', 'distortion', 'rate')}
+    out = {k: sums.get(k, 0.) / n for k in ('elbo', 'distortion', 'rate') if k in sums}
     out.update(bits_per_dim=out['elbo'] / math.log(2), images=int(sums.get('images', 0)),
                nonfinite=int(sums.get('nonfinite', 0)))
     return out
@@ -299,7 +334,7 @@ def check_run_folder(logdir, hp):
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k != 'steps')
         if diff:
             hparams.fail(f'{logdir} holds a run with other hyperparameters ({", ".join(diff)}); '
-                         'pass the same flags to resume, or another --logdir')
+                         'pass the same flags to resume, or another folder')
         if mine == theirs:
             return
     tf.io.gfile.makedirs(logdir)
@@ -320,6 +355,14 @@ def test_eval(strategy):
     print(f'test {hp.dataset}: {result["elbo"]:.4f} nats/dim = {result["bits_per_dim"]:.4f} '
           f'bits/dim over {result["images"]} images (EMA weights, step {step}'
           f'{excluded})')
+    if FLAGS.iw_samples:
+        iw = evaluate(make_iw_eval_step(model, hp, strategy, FLAGS.iw_samples),
+                      data.eval_dataset(hp, 'test', strategy, FLAGS.data_dir), total, f'IW K={FLAGS.iw_samples}')
+        excluded = f', {iw["nonfinite"]} non-finite excluded' if iw['nonfinite'] else ''
+        print(f'test {hp.dataset}: importance-weighted bound, K={FLAGS.iw_samples}: {iw["elbo"]:.4f} nats/dim = '
+              f'{iw["bits_per_dim"]:.4f} bits/dim over {iw["images"]} images (ELBO - bound = '
+              f'{result["bits_per_dim"] - iw["bits_per_dim"]:.4f} bits/dim{excluded})')
+        result['iw'] = iw
     return result
 
 
@@ -342,6 +385,7 @@ def main(argv):
 
 def run(_):
     tf.get_logger().setLevel('ERROR')    # TF's checkpoint and retracing chatter; ours is printed
+    logging.set_verbosity(logging.WARNING)     # the checkpoint saver's INFO lines, through absl
     hp = hparams.exit_on_error(hparams.from_flags)
     if FLAGS.precision != 'float32':
         keras.config.set_dtype_policy(FLAGS.precision)
@@ -349,6 +393,8 @@ def run(_):
         strategy = make_strategy(FLAGS.strategy, FLAGS.tpu)
     except RuntimeError as e:
         hparams.fail(e)
+    if FLAGS.iw_samples < 0 or (FLAGS.iw_samples and not FLAGS.test_eval):
+        hparams.fail(f'--iw_samples={FLAGS.iw_samples}: give a positive number of draws, with --test_eval')
     if FLAGS.test_eval:
         test_eval(strategy)
         return

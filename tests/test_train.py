@@ -153,12 +153,17 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
 def test_test_eval_reports_bits_per_dim_of_a_checkpoint(tmp_path):
     run = str(tmp_path / 'run')
     assert _train(f'--logdir={run}', '--steps=2', '--save_every=2').returncode == 0
-    r = _train('--test_eval', f'--ckpt={run}')
+    r = _train('--test_eval', f'--ckpt={run}', '--iw_samples=2')
     assert r.returncode == 0, r.stderr[-2000:]
     line = [l for l in r.stdout.splitlines() if l.startswith('test mnist5k')]
-    assert len(line) == 1 and 'bits/dim over 500 images' in line[0], r.stdout
+    assert len(line) == 2 and 'bits/dim over 500 images' in line[0], r.stdout
     nats, bits = float(line[0].split()[2]), float(line[0].split()[5])
     assert bits == pytest.approx(nats / np.log(2), rel=1e-3)
+    assert 'importance-weighted bound, K=2:' in line[1] and 'bits/dim over 500 images' in line[1]
+    iw_nats, iw_bits = float(line[1].split()[5]), float(line[1].split()[8])
+    assert iw_bits == pytest.approx(iw_nats / np.log(2), rel=1e-3) and abs(iw_nats - nats) < 0.05 * nats
+    r = _train(f'--logdir={run}', '--iw_samples=4')
+    assert r.returncode == 2 and 'with --test_eval' in r.stderr and 'Traceback' not in r.stderr
 
 
 def test_a_run_folder_refuses_other_hyperparameters_and_a_missing_checkpoint(tmp_path):

@@ -1,0 +1,69 @@
+"""The importance-weighted bound: log p(x) >= log mean_k p(x, z_k) / q(z_k | x), z_k ~ q."""
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import data
+import hparams
+import sample
+import train
+
+
+@pytest.fixture(scope='module')
+def trained():
+    """A tiny model after 60 steps on the offline digits: its posteriors are no longer its
+    priors, so the draws' weights differ and more draws must tighten the bound."""
+    hp = hparams.load('tiny', batch_size=16, warmup_iters=10)
+    keras.utils.set_random_seed(0)
+    strategy = tf.distribute.get_strategy()
+    state = train.create_state(hp, strategy)
+    step, batches = train.make_train_step(state, hp, strategy), iter(data.train_dataset(hp, strategy))
+    for _ in range(60):
+        out = step(*next(batches))
+    assert out['skipped'] == 0
+    x_in, target = data.preprocess(sample.read_images(None, hp, 64), hp)
+    return state.model, hp, x_in, target
+
+
+def test_one_draw_equals_the_elbo_in_expectation(trained):
+    m, hp, x_in, target = trained
+    x_in, target = x_in[:16], target[:16]
+    dims = hp.image_size ** 2 * 3
+    log_w = tf.function(lambda s: m.log_weights(x_in, target, seed=s), autograph=False)
+    elbo = tf.function(lambda s: m.losses_per_image(x_in, target, seed=s)['elbo'], autograph=False)
+    # Same draw, two estimates of the same expectation: the full log-densities and the
+    # analytic KL. Their difference averages to zero; it is not zero draw by draw.
+    diff = np.stack([log_w(tf.constant([s, 0])).numpy() / dims + elbo(tf.constant([s, 0])).numpy()
+                     for s in range(48)])
+    assert np.abs(diff).max() > 1e-4
+    assert abs(diff.mean()) < 4 * diff.std() / math.sqrt(diff.size)
+    # The eval step with K = 1 is exactly one draw's -log weight, averaged.
+    step = train.make_iw_eval_step(m, hp, tf.distribute.get_strategy(), 1)
+    out = step(x_in, target, tf.ones(16))
+    expected = -m.log_weights(x_in, target, seed=tf.constant([hp.seed, -2])).numpy() / dims
+    assert float(out['elbo']) / 16 == pytest.approx(expected.mean(), rel=1e-6)
+    assert float(out['images']) == 16 and float(out['nonfinite']) == 0
+
+
+def test_more_draws_tighten_the_bound(trained):
+    m, hp, x_in, target = trained
+    strategy = tf.distribute.get_strategy()
+    # Three independent sets of draws (the seed) over 64 images, for each K.
+    bound = {k: np.mean([float(train.make_iw_eval_step(m, hp.replace(seed=s), strategy, k)(
+        x_in, target, tf.ones(64))['elbo']) / 64 for s in (0, 1, 2)]) for k in (1, 4, 16)}
+    # nats/dim of -log p(x): lower is tighter.
+    assert bound[1] > bound[4] > bound[16], bound
+    elbo = float(tf.reduce_mean(m.losses_per_image(x_in, target, seed=[0, 0])['elbo']))
+    assert bound[16] < elbo
+
+
+def test_padding_and_broken_images_are_left_out(trained):
+    m, hp, x_in, target = trained
+    x = x_in[:4].numpy()
+    x[1] = np.nan
+    mask = tf.constant([1., 1., 1., 0.])
+    out = train.make_iw_eval_step(m, hp, tf.distribute.get_strategy(), 2)(x, target[:4], mask)
+    assert float(out['images']) == 2 and float(out['nonfinite']) == 1 and np.isfinite(float(out['elbo']))
