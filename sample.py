@@ -91,14 +91,15 @@ def checkpoint_path(ckpt, folder):
     return ckpt
 
 
-def load(ckpt, strategy=None):
-    """A model holding the EMA weights of `ckpt` -> (model, hp, run folder, checkpoint path, step)."""
+def load(ckpt, strategy=None, which='ema'):
+    """A model holding the EMA weights of `ckpt` (which='weights': the raw ones training goes
+    on from) -> (model, hp, run folder, checkpoint path, step)."""
     hp, folder = load_run_hparams(ckpt)
     path = checkpoint_path(ckpt, folder)
     with strategy.scope() if strategy else contextlib.nullcontext():
         model = vdvae.VDVAE(hp)
         step = tf.Variable(0, dtype=tf.int64)
-    reader = tf.train.Checkpoint(ema={vdvae.checkpoint_key(v): v.value for v in model.weights}, step=step)
+    reader = tf.train.Checkpoint(step=step, **{which: {vdvae.checkpoint_key(v): v.value for v in model.weights}})
     try:
         reader.read(path).assert_existing_objects_matched().expect_partial()
     except (tf.errors.OpError, ValueError, AssertionError) as e:

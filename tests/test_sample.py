@@ -13,7 +13,6 @@ from PIL import Image
 import tensorflow as tf
 
 import hparams
-import model as vdvae
 import sample
 import train
 
