@@ -103,7 +103,6 @@ class TrainState:
             loss_scale=self.loss_scale, applied_in_a_row=self.applied_in_a_row, **extra)
 
 
-
 class WarmUp(keras.optimizers.schedules.LearningRateSchedule):
     """lr * min(1, step / warmup_iters), counting every step, skipped ones included (the
     official schedule), not Adam's step counter, which stops on skipped steps."""
@@ -218,25 +217,28 @@ def make_train_step(state, hp, strategy):
     return train_step
 
 
-def make_eval_step(model, hp, strategy):
-    """(x_in, target, mask) -> global sums of elbo, distortion, rate over finite images, and
-    the counts of images and of non-finite ones (reported, never silently dropped)."""
+def _finite_sums(per_image, mask):
+    """Global sums of (B,) per-image values over the real, finite images, and the counts of
+    images and of non-finite ones (reported, never silently dropped); padding has mask 0."""
+    finite = tf.math.is_finite(per_image['elbo'])
+    ok = tf.where(finite, mask, 0.)
+    sums = {k: tf.reduce_sum(tf.where(finite, v, 0.) * ok) for k, v in per_image.items()}
+    sums.update(images=tf.reduce_sum(ok), nonfinite=tf.reduce_sum(tf.where(finite, 0., mask)))
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, sums)
 
-    def replica_eval(x_in, target, mask):
-        ctx = tf.distribute.get_replica_context()
-        stats = model.losses_per_image(x_in, target, seed=tf.constant([hp.seed, -1]))
-        finite = tf.math.is_finite(stats['elbo'])
-        ok = tf.where(finite, mask, 0.)
-        sums = {k: tf.reduce_sum(tf.where(finite, v, 0.) * ok) for k, v in stats.items()}
-        sums.update(images=tf.reduce_sum(ok), nonfinite=tf.reduce_sum(tf.where(finite, 0., mask)))
-        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, sums)
 
+def _eval_function(strategy, replica_fn):
     @tf.function(autograph=False)
-    def eval_step(x_in, target, mask):
-        out = strategy.run(replica_eval, args=(x_in, target, mask))
+    def step(x_in, target, mask):
+        out = strategy.run(replica_fn, args=(x_in, target, mask))
         return {k: strategy.experimental_local_results(v)[0] for k, v in out.items()}
+    return step
 
-    return eval_step
+
+def make_eval_step(model, hp, strategy):
+    """(x_in, target, mask) -> global sums of elbo, distortion and rate, and image counts."""
+    return _eval_function(strategy, lambda x_in, target, mask: _finite_sums(
+        model.losses_per_image(x_in, target, seed=tf.constant([hp.seed, -1])), mask))
 
 
 def make_iw_eval_step(model, hp, strategy, samples):
@@ -247,7 +249,7 @@ def make_iw_eval_step(model, hp, strategy, samples):
     dims = float(hp.image_size ** 2 * hp.image_channels)
 
     def replica_iw(x_in, target, mask):
-        ctx, n = tf.distribute.get_replica_context(), tf.shape(x_in)[0]
+        n = tf.shape(x_in)[0]
         x_rep, t_rep = tf.tile(x_in, [per_pass, 1, 1, 1]), tf.tile(target, [per_pass, 1, 1, 1])
 
         def draw(i, log_sum):
@@ -257,19 +259,9 @@ def make_iw_eval_step(model, hp, strategy, samples):
 
         _, log_sum = tf.while_loop(lambda i, _: i < samples // per_pass, draw,
                                    (tf.constant(0), tf.fill([n], -float('inf'))))
-        bound = -(log_sum - math.log(samples)) / dims
-        finite = tf.math.is_finite(bound)
-        ok = tf.where(finite, mask, 0.)
-        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, dict(
-            elbo=tf.reduce_sum(tf.where(finite, bound, 0.) * ok), images=tf.reduce_sum(ok),
-            nonfinite=tf.reduce_sum(tf.where(finite, 0., mask))))
+        return _finite_sums(dict(elbo=-(log_sum - math.log(samples)) / dims), mask)
 
-    @tf.function(autograph=False)
-    def iw_step(x_in, target, mask):
-        out = strategy.run(replica_iw, args=(x_in, target, mask))
-        return {k: strategy.experimental_local_results(v)[0] for k, v in out.items()}
-
-    return iw_step
+    return _eval_function(strategy, replica_iw)
 
 
 def evaluate(eval_step, dataset, total=None, label='eval'):
