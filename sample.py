@@ -455,6 +455,11 @@ def main(_):
     for name in ('n', 'nrow', 'batch'):
         if FLAGS[name].value < 1:
             hparams.fail(f'--{name}={FLAGS[name].value} must be at least 1')
+    unused = [name for name, modes in [('keep', ['reconstruct']), ('images', ['reconstruct', 'stats']),
+                                       ('temp', ['sample', 'reconstruct'])]
+              if FLAGS[name].value is not None and FLAGS.mode not in modes]
+    if unused:
+        hparams.fail(f'--{unused[0]} means nothing with --mode={FLAGS.mode}')
     model, hp, folder, path, step = load(FLAGS.ckpt)
     if FLAGS.hparams:
         check_preset(hp, FLAGS.hparams)

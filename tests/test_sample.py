@@ -214,6 +214,7 @@ def test_bad_input_ends_in_one_line(run, tmp_path):
     Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tmp_path / 'digit.png')
     line = _error_line(_cli(f'--ckpt={run[0]}', '--mode=reconstruct', f'--images={tmp_path}/digit.png'))
     assert 'digit.png' in line and '16x16' in line
+    assert '--keep means nothing with --mode=sample' in _error_line(_cli(f'--ckpt={run[0]}', '--keep=1,2'))
     (tmp_path / 'taken.png').write_bytes(b'mine')
     assert 'exists' in _error_line(_cli(f'--ckpt={run[0]}', f'--out={tmp_path}/taken.png'))
     assert (tmp_path / 'taken.png').read_bytes() == b'mine'
