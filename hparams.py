@@ -9,6 +9,7 @@ string that does not parse or a decoder that cannot run fails at start-up, in on
 import dataclasses
 import re
 import sys
+import time
 
 from absl import flags
 
@@ -248,6 +249,16 @@ def exit_on_error(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except HParamsError as e:
         fail(e)
+
+
+def progress(label, done, total, t0):
+    """One console line, redrawn in place: a bar, the rate and the time left."""
+    rate = done / max(time.time() - t0, 1e-9)
+    eta = (total - done) / max(rate, 1e-9)
+    bar = '#' * int(30 * done / max(total, 1))
+    end = '\n' if done >= total else ''
+    print(f'\r{label} [{bar:<30}] {int(done)}/{int(total)} {rate:.1f}/s eta {eta / 60:.1f} min',
+          end=end, file=sys.stderr, flush=True)
 
 
 def fail(message):

@@ -184,12 +184,14 @@ def make_sampler(model):
 
 def generate(sampler, n, temperature, seed, batch, timings=None):
     """n images in batches; batch i uses seed (seed, i), so the same seed gives the same images."""
-    out = []
+    out, start_time = [], time.time()
     for i, start in enumerate(range(0, n, batch)):
         t0 = time.time()
         out.append(sampler(min(batch, n - start), temperature, [seed, i]).numpy())
         if timings is not None:
             timings.append((len(out[-1]), time.time() - t0))
+        if n > batch:
+            hparams.progress('sampling', start + len(out[-1]), n, start_time)
     return np.concatenate(out)
 
 
@@ -215,8 +217,11 @@ def reconstructions(model, x_in, keep, temperature=0.1, seed=0):
 def rate_per_layer(model, x_in, batch, seed=0):
     """(num_layers,) average KL of each decoder layer in bits/dim over the images x_in."""
     graph = tf.function(lambda x, s: model.rate_per_layer(x, seed=s), autograph=False)
-    rates = [graph(x_in[i:i + batch], tf.constant([seed, i], tf.int32)).numpy()
-             for i in range(0, len(x_in), batch)]
+    rates, t0 = [], time.time()
+    for i in range(0, len(x_in), batch):
+        rates.append(graph(x_in[i:i + batch], tf.constant([seed, i], tf.int32)).numpy())
+        if len(x_in) > batch:
+            hparams.progress('rate per layer', i + len(rates[-1]), len(x_in), t0)
     return np.concatenate(rates).mean(0) / math.log(2)
 
 

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -272,7 +271,7 @@ def evaluate(eval_step, dataset, total=None, label='eval'):
             for k, v in eval_step(*batch).items():
                 sums[k] = sums.get(k, 0.) + float(v)
             if total:
-                progress(label, sums['images'] + sums['nonfinite'], total, t0)
+                hparams.progress(label, sums['images'] + sums['nonfinite'], total, t0)
     n = max(sums.get('images', 0.), 1.)
     out = {k: sums.get(k, 0.) / n for k in ('elbo', 'distortion', 'rate') if k in sums}
     out.update(bits_per_dim=out['elbo'] / math.log(2), images=int(sums.get('images', 0)),
@@ -286,16 +285,7 @@ def copy_ema(state, eval_model):
 
 
 # ---------------------------------------------------------------------------------------
-# What people look at: a console progress line, log.jsonl, TensorBoard, PNG grids.
-
-
-def progress(label, done, total, t0):
-    rate = done / max(time.time() - t0, 1e-9)
-    eta = (total - done) / max(rate, 1e-9)
-    bar = '#' * int(30 * done / max(total, 1))
-    end = '\n' if done >= total else ''
-    print(f'\r{label} [{bar:<30}] {int(done)}/{int(total)} {rate:.1f}/s eta {eta / 60:.1f} min',
-          end=end, file=sys.stderr, flush=True)
+# What people look at: log.jsonl and TensorBoard (progress lines: hparams.py; grids: sample.py).
 
 
 class Log:
@@ -441,7 +431,7 @@ def run(_):
             if log:
                 log.write(step, 'train', values)
             t_log = time.time()
-            progress(f'step {step} elbo {values["elbo"]:.4f} ({values["bits_per_dim"]:.3f} bpd) '
+            hparams.progress(f'step {step} elbo {values["elbo"]:.4f} ({values["bits_per_dim"]:.3f} bpd) '
                      f'|g| {values["grad_norm"]:.1f} skipped {values["skipped_total"]}',
                      step - start, hp.steps - start, t0)
         if int(state.skips_in_a_row.numpy()) > FLAGS.max_skips_in_a_row:
