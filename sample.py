@@ -231,7 +231,10 @@ def sample_grid(model, x_in, target, temperatures=(1.0, 0.9, 0.8), seed=0):
     keep = sorted({1, model.num_layers // 4, model.num_layers // 2, model.num_layers} - {0})
     rows = [vdvae.to_uint8(target).numpy()] + reconstructions(model, x_in, keep, 0.1, seed)
     rows += [model.sample(len(x_in), t, [seed, 1000 + i]).numpy() for i, t in enumerate(temperatures)]
-    return grid(np.stack(rows))
+    share = latent_share(model)
+    labels = ['data'] + [f'k={k} ({100 * share[k - 1]:.3g}%)' for k in keep] + [f't={t}' for t in temperatures]
+    size = model.hp.image_size
+    return labelled(grid(np.stack(rows)), left=labels, cell=(size, size), scale=max(1, 64 // size))
 
 
 # ---------------------------------------------------------------------------------------
