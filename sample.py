@@ -229,7 +229,10 @@ def sample_grid(model, x_in, target, temperatures=(1.0, 0.9, 0.8), seed=0):
     """The training preview. Rows: data; reconstructions from the first 1, L/4, L/2 and L
     posterior latents (the rest at temperature 0.1); samples at each temperature."""
     keep = sorted({1, model.num_layers // 4, model.num_layers // 2, model.num_layers} - {0})
-    rows = [vdvae.to_uint8(target).numpy()] + reconstructions(model, x_in, keep, 0.1, seed)
+    # The data row rounds: to_uint8 truncates like the official sampler, which would turn
+    # 66 / 127.5 - 1 back into 65.
+    data_row = np.round((np.asarray(target) + 1.) * 127.5).astype(np.uint8)
+    rows = [data_row] + reconstructions(model, x_in, keep, 0.1, seed)
     rows += [model.sample(len(x_in), t, [seed, 1000 + i]).numpy() for i, t in enumerate(temperatures)]
     share = latent_share(model)
     labels = ['data'] + [f'k={k} ({100 * share[k - 1]:.3g}%)' for k in keep] + [f't={t}' for t in temperatures]

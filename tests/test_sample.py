@@ -218,3 +218,16 @@ def test_bad_input_ends_in_one_line(run, tmp_path):
     (tmp_path / 'taken.png').write_bytes(b'mine')
     assert 'exists' in _error_line(_cli(f'--ckpt={run[0]}', f'--out={tmp_path}/taken.png'))
     assert (tmp_path / 'taken.png').read_bytes() == b'mine'
+
+
+def test_the_training_preview_shows_data_reconstructions_and_samples(loaded):
+    images = _images(3, seed=2)
+    picture = sample.sample_grid(loaded, *sample.data.preprocess(images, loaded.hp), seed=1)
+    rows = 1 + 4 + 3                      # data; k = 1, L/4, L/2, L (tiny: 1, 2, 5, 10); 3 temperatures
+    assert picture.dtype == np.uint8 and picture.shape[0] == 4 * (rows * 17 - 1)
+    label_width = picture.shape[1] - 4 * (3 * 17 - 1)
+    assert label_width > 0
+    # The data row is the images themselves, upscaled 4x.
+    for j, image in enumerate(images):
+        cell = picture[:64, label_width + 4 * 17 * j:label_width + 4 * 17 * j + 64]
+        np.testing.assert_array_equal(cell, image.repeat(4, 0).repeat(4, 1))
