@@ -74,7 +74,10 @@ def test_padding_and_broken_images_are_left_out(trained):
 
 def test_the_bound_runs_under_a_two_replica_strategy(trained):
     m, hp, x_in, target = trained
-    strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+    # Not collective all-reduce: TF caches a collective's shape by instance key for the whole
+    # process, and the mirrored train steps of test_train.py would then meet this step's.
+    strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'],
+                                              cross_device_ops=tf.distribute.ReductionToOneDevice())
     dataset = tf.data.Dataset.from_tensor_slices((x_in[:8], target[:8], tf.ones(8))).batch(8)
     out = train.make_iw_eval_step(m, hp, strategy, 4)(*next(iter(strategy.experimental_distribute_dataset(dataset))))
     one = train.make_iw_eval_step(m, hp, tf.distribute.get_strategy(), 4)(x_in[:8], target[:8], tf.ones(8))
