@@ -7,20 +7,18 @@ check each other; the genuine official file of spec/official_case checks both.""
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import cli
 import convert
 import hparams
 from hparams import parse_blocks
 import model as vdvae
 import sample
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHITECTURE = ('width', 'zdim', 'bottleneck_multiple', 'num_mixtures', 'no_bias_above',
                 'enc_blocks', 'dec_blocks', 'custom_width_str', 'image_size', 'low_bit')
 # Stages of different widths, 1x1 convs at resolutions <= 2, bias states only up to 4.
@@ -182,18 +180,6 @@ def test_load_refuses_missing_extra_and_misshapen_tensors_by_name(spec_dir):
 # The command line and the run folders it makes.
 
 
-def _cli(script, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
-
-
-def _error_line(r):
-    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
-    lines = [l for l in r.stderr.splitlines() if l.startswith('error:')]
-    assert len(lines) == 1, r.stderr
-    return lines[0]
-
-
 def _hparams_flags(hp):
     return ['--hparams=tiny'] + [f'--{k}={str(getattr(hp, k)).lower() if k == "low_bit" else getattr(hp, k)}'
                                  for k in ARCHITECTURE]
@@ -203,7 +189,7 @@ def _hparams_flags(hp):
 def imported(spec_dir, tmp_path_factory):
     hp, path = _case(spec_dir)
     folder = str(tmp_path_factory.mktemp('imported') / 'run')
-    r = _cli('convert.py', f'--torch_ckpt={path}', f'--out={folder}', *_hparams_flags(hp))
+    r = cli.run('convert.py', f'--torch_ckpt={path}', f'--out={folder}', *_hparams_flags(hp))
     assert r.returncode == 0, r.stderr[-2000:]
     return folder, hp, path, r.stdout
 
@@ -224,9 +210,9 @@ def test_import_writes_a_run_folder_holding_the_official_weights(imported):
 
 def test_sample_and_test_eval_load_the_imported_run(imported, tmp_path):
     folder = imported[0]
-    r = _cli('sample.py', f'--ckpt={folder}', '--n=4', f'--out={tmp_path / "s.png"}')
+    r = cli.run('sample.py', f'--ckpt={folder}', '--n=4', f'--out={tmp_path / "s.png"}')
     assert r.returncode == 0 and os.path.exists(tmp_path / 's.png'), r.stderr[-2000:]
-    r = _cli('train.py', '--test_eval', f'--ckpt={folder}')
+    r = cli.run('train.py', '--test_eval', f'--ckpt={folder}')
     assert r.returncode == 0, r.stderr[-2000:]
     line = [l for l in r.stdout.splitlines() if l.startswith('test mnist5k:')]
     assert line and 'over 500 images (EMA weights, step 0' in line[0], r.stdout
@@ -237,7 +223,7 @@ def test_sample_and_test_eval_load_the_imported_run(imported, tmp_path):
 def test_export_gives_back_the_official_file_bit_for_bit(imported, tmp_path):
     folder, _, path, _ = imported
     out = str(tmp_path / 'exported.th')
-    r = _cli('convert.py', '--export', f'--ckpt={folder}', f'--out={out}')
+    r = cli.run('convert.py', '--export', f'--ckpt={folder}', f'--out={out}')
     assert r.returncode == 0, r.stderr[-2000:]
     assert f'wrote {out}' in r.stdout and '350 tensors' in r.stdout
     official, exported = convert.read_state_dict(path), convert.read_state_dict(out)
@@ -246,15 +232,15 @@ def test_export_gives_back_the_official_file_bit_for_bit(imported, tmp_path):
         assert exported[key].dtype == official[key].dtype, key
         np.testing.assert_array_equal(exported[key], official[key], err_msg=key)
     before = os.path.getmtime(out)
-    r = _cli('convert.py', '--export', f'--ckpt={folder}', f'--out={out}')
-    assert 'exists; not overwriting' in _error_line(r)
+    r = cli.run('convert.py', '--export', f'--ckpt={folder}', f'--out={out}')
+    assert 'exists; not overwriting' in cli.error_line(r)
     assert os.path.getmtime(out) == before
 
 
 def test_import_refuses_a_folder_that_holds_a_checkpoint(imported):
     folder, hp, path, _ = imported
-    r = _cli('convert.py', f'--torch_ckpt={path}', f'--out={folder}', *_hparams_flags(hp))
-    assert 'already holds a checkpoint' in _error_line(r)
+    r = cli.run('convert.py', f'--torch_ckpt={path}', f'--out={folder}', *_hparams_flags(hp))
+    assert 'already holds a checkpoint' in cli.error_line(r)
     assert sorted(os.listdir(os.path.join(folder, 'ckpt'))) == [
         'checkpoint', 'ckpt-0.data-00000-of-00001', 'ckpt-0.index']
 
@@ -274,8 +260,8 @@ def test_import_cli_names_the_key_of_a_checkpoint_that_does_not_fit(spec_dir, tm
         state_dict[key] = state_dict[key].reshape(16, 8, 1, 1)
     bad = str(tmp_path / 'bad.th')
     convert.write_state_dict(state_dict, bad)
-    r = _cli('convert.py', f'--torch_ckpt={bad}', f'--out={tmp_path / "run"}', *_hparams_flags(hp))
-    line = _error_line(r)
+    r = cli.run('convert.py', f'--torch_ckpt={bad}', f'--out={tmp_path / "run"}', *_hparams_flags(hp))
+    line = cli.error_line(r)
     assert line.startswith(f'error: {bad}: ') and key in line, line
     assert not os.path.exists(tmp_path / 'run')
 
@@ -290,7 +276,7 @@ def test_the_model_file_gives_the_weights_to_train_on_and_export_can_write_them(
     assert _same(convert.export_official(sample.load(folder)[0]), convert.read_state_dict(path))
     assert _same(convert.export_official(sample.load(folder, which='weights')[0]), raw_dict)
     out = str(tmp_path / 'raw-again.th')
-    r = _cli('convert.py', '--export', '--weights=model', f'--ckpt={ckpt}', f'--out={out}')
+    r = cli.run('convert.py', '--export', '--weights=model', f'--ckpt={ckpt}', f'--out={out}')
     assert r.returncode == 0, r.stderr[-2000:]
     assert _same(convert.read_state_dict(out), raw_dict)
 

@@ -3,8 +3,6 @@ reconstructions from the first k latents, per-layer rate, and the command line's
 import csv
 import math
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -12,12 +10,10 @@ import pytest
 from PIL import Image
 import tensorflow as tf
 
+import cli
 import hparams
 import sample
 import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
@@ -40,18 +36,6 @@ def loaded(run):
     return sample.load(run[0])[0]
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
-
-
-def _error_line(r):
-    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
-    lines = [l for l in r.stderr.splitlines() if l.startswith('error:')]
-    assert len(lines) == 1, r.stderr
-    return lines[0]
-
-
 def test_load_gives_the_ema_weights_the_hparams_and_the_step(run):
     m, hp, folder, path, step = sample.load(run[0])
     assert hp == hparams.load('tiny') and folder == run[0] and path.endswith('ckpt-7') and step == 0
@@ -61,14 +45,14 @@ def test_load_gives_the_ema_weights_the_hparams_and_the_step(run):
 
 def test_the_cli_writes_a_grid_of_the_requested_shape(run, tmp_path):
     out = str(tmp_path / 'grid.png')
-    r = _cli(f'--ckpt={run[0]}', '--temp=0.85', '--n=6', '--nrow=3', f'--out={out}')
+    r = cli.run('sample.py', f'--ckpt={run[0]}', '--temp=0.85', '--n=6', '--nrow=3', f'--out={out}')
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'images/s' in r.stdout
     image = np.asarray(Image.open(out))
     assert image.dtype == np.uint8 and image.shape == (2 * 17 - 1, 3 * 17 - 1, 3)   # 16 px + 1 px gaps
     # One labelled row per temperature, upscaled 4x for legibility.
     out2 = str(tmp_path / 'rows.png')
-    r = _cli(f'--ckpt={run[0]}', '--temp=1.0,0.5,0.0', '--n=4', '--nrow=4', f'--out={out2}')
+    r = cli.run('sample.py', f'--ckpt={run[0]}', '--temp=1.0,0.5,0.0', '--n=4', '--nrow=4', f'--out={out2}')
     assert r.returncode == 0, r.stderr[-2000:]
     rows = np.asarray(Image.open(out2))
     assert rows.shape[0] == 4 * (3 * 17 - 1) and rows.shape[1] > 4 * (4 * 17 - 1)
@@ -166,7 +150,7 @@ def test_reconstruct_cli_with_a_folder_of_images(run, tmp_path):
     for i, image in enumerate(_images(3)):
         Image.fromarray(image).save(folder / f'{i}.png')
     out = str(tmp_path / 'rec.png')
-    r = _cli(f'--ckpt={run[0]}', '--mode=reconstruct', f'--images={folder}', '--keep=1,5,10', f'--out={out}')
+    r = cli.run('sample.py', f'--ckpt={run[0]}', '--mode=reconstruct', f'--images={folder}', '--keep=1,5,10', f'--out={out}')
     assert r.returncode == 0, r.stderr[-2000:]
     share = sample.latent_share(sample.load(run[0])[0])
     for k in (1, 5, 10):
@@ -179,7 +163,7 @@ def test_stats_csv_sums_to_the_models_rate(run, tmp_path):
     images = _images(6, seed=1)
     np.save(tmp_path / 'images.npy', images)
     out = str(tmp_path / 'stats.png')
-    r = _cli(f'--ckpt={run[0]}', '--mode=stats', f'--images={tmp_path}/images.npy', '--batch=4',
+    r = cli.run('sample.py', f'--ckpt={run[0]}', '--mode=stats', f'--images={tmp_path}/images.npy', '--batch=4',
              '--seed=3', f'--out={out}')
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / 'stats.csv')))
@@ -204,19 +188,19 @@ def test_a_checkpoint_of_another_preset_is_refused(loaded, capsys):
 
 
 def test_bad_input_ends_in_one_line(run, tmp_path):
-    assert 'no hparams.json' in _error_line(_cli(f'--ckpt={tmp_path}/nothing'))
+    assert 'no hparams.json' in cli.error_line(cli.run('sample.py', f'--ckpt={tmp_path}/nothing'))
     # A foreign checkpoint: another configuration's weights under this run's hparams.json.
     foreign = tmp_path / 'foreign'
     state = train.create_state(hparams.load('tiny', width=16), tf.distribute.get_strategy())
     tf.train.CheckpointManager(state.checkpoint(), str(foreign / 'ckpt'), 1).save(checkpoint_number=1)
     (foreign / 'hparams.json').write_text(open(os.path.join(run[0], 'hparams.json')).read())
-    assert 'cannot be restored' in _error_line(_cli(f'--ckpt={foreign}'))
+    assert 'cannot be restored' in cli.error_line(cli.run('sample.py', f'--ckpt={foreign}'))
     Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tmp_path / 'digit.png')
-    line = _error_line(_cli(f'--ckpt={run[0]}', '--mode=reconstruct', f'--images={tmp_path}/digit.png'))
+    line = cli.error_line(cli.run('sample.py', f'--ckpt={run[0]}', '--mode=reconstruct', f'--images={tmp_path}/digit.png'))
     assert 'digit.png' in line and '16x16' in line
-    assert '--keep means nothing with --mode=sample' in _error_line(_cli(f'--ckpt={run[0]}', '--keep=1,2'))
+    assert '--keep means nothing with --mode=sample' in cli.error_line(cli.run('sample.py', f'--ckpt={run[0]}', '--keep=1,2'))
     (tmp_path / 'taken.png').write_bytes(b'mine')
-    assert 'exists' in _error_line(_cli(f'--ckpt={run[0]}', f'--out={tmp_path}/taken.png'))
+    assert 'exists' in cli.error_line(cli.run('sample.py', f'--ckpt={run[0]}', f'--out={tmp_path}/taken.png'))
     assert (tmp_path / 'taken.png').read_bytes() == b'mine'
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import cli
 import hparams
 import train
 
@@ -119,11 +120,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _train(*args):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--hparams=tiny',
-                        '--eval_every=0', '--samples_every=0', '--log_every=1', *args],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600,
-                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
-    return r
+    return cli.run('train.py', '--hparams=tiny', '--eval_every=0', '--samples_every=0', '--log_every=1',
+                   *args, timeout=600)
 
 
 def _weights(ckpt_prefix):
