@@ -375,18 +375,25 @@ def read_images(spec, hp, n, data_dir=None):
     return np.asarray(images, np.uint8)
 
 
-def output_path(folder, name):
+def output_path(folder, name, also=()):
+    """--out or the default in <run>/figures/; `also`: suffixes of files written beside it,
+    which must not be overwritten silently either."""
     path = FLAGS.out or os.path.join(folder, 'figures', name)
-    if os.path.exists(path) and not FLAGS.overwrite:
-        hparams.fail(f'{path} exists; pass --overwrite or another --out')
+    for p in [path] + [os.path.splitext(path)[0] + suffix for suffix in also]:
+        if os.path.exists(p) and not FLAGS.overwrite:
+            hparams.fail(f'{p} exists; pass --overwrite or another --out')
     return path
 
 
-def sample_mode(model, hp, folder):
+def temperatures_or_fail(default, model):
     try:
-        rows = parse_temperatures(FLAGS.temp or '1.0', model)
+        return parse_temperatures(FLAGS.temp or default, model)
     except ValueError as e:
         hparams.fail(e)
+
+
+def sample_mode(model, hp, folder):
+    rows = temperatures_or_fail('1.0', model)
     sampler, timings, images = make_sampler(model), [], []
     for i, (_, temperature) in enumerate(rows):
         images.append(generate(sampler, FLAGS.n, temperature, FLAGS.seed + 7919 * i, FLAGS.batch, timings))
@@ -417,10 +424,7 @@ def reconstruct_mode(model, hp, folder):
         hparams.fail(f'--keep={FLAGS.keep}: give a comma list of whole numbers')
     if not all(1 <= k <= model.num_layers for k in keep):
         hparams.fail(f'--keep={FLAGS.keep}: every k must lie in 1..{model.num_layers} (the decoder\'s layers)')
-    try:
-        temperature = parse_temperatures(FLAGS.temp or '0.1', model)[0][1]
-    except ValueError as e:
-        hparams.fail(e)
+    temperature = temperatures_or_fail('0.1', model)[0][1]
     images = read_images(FLAGS.images, hp, FLAGS.n, FLAGS.data_dir)
     x_in, target = data.preprocess(images, hp)
     parts = [reconstructions(model, x_in[s:s + FLAGS.batch], keep, temperature, FLAGS.seed + s)
@@ -440,7 +444,7 @@ def reconstruct_mode(model, hp, folder):
 def stats_mode(model, hp, folder):
     images = read_images(FLAGS.images, hp, FLAGS.n, FLAGS.data_dir)
     bits = rate_per_layer(model, data.preprocess(images, hp)[0], FLAGS.batch, FLAGS.seed)
-    path = output_path(folder, 'stats.png')
+    path = output_path(folder, 'stats.png', also=['.csv'])
     csv_path = os.path.splitext(path)[0] + '.csv'
     share, cumulative = latent_share(model), np.cumsum(bits)
     with open(csv_path + '.tmp', 'w', newline='') as f:

@@ -202,6 +202,9 @@ def test_bad_input_ends_in_one_line(run, tmp_path):
     (tmp_path / 'taken.png').write_bytes(b'mine')
     assert 'exists' in cli.error_line(cli.run('sample.py', f'--ckpt={run[0]}', f'--out={tmp_path}/taken.png'))
     assert (tmp_path / 'taken.png').read_bytes() == b'mine'
+    (tmp_path / 'stats.csv').write_text('mine')        # written beside --out=stats.png
+    line = cli.error_line(cli.run('sample.py', f'--ckpt={run[0]}', '--mode=stats', f'--out={tmp_path}/stats.png'))
+    assert 'stats.csv exists' in line and (tmp_path / 'stats.csv').read_text() == 'mine'
 
 
 def test_the_training_preview_shows_data_reconstructions_and_samples(loaded):
