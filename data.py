@@ -12,6 +12,8 @@
                          (already shuffled) order, train = the other 45,000, test = official test.
   imagenet32/64          tfds downsampled_imagenet/32x32|64x64 (van den Oord's sets, as the
                          paper): 5,000 train images held out the same way, test = validation.
+                         image-net.org no longer serves their files: put train_SxS.tar and
+                         valid_SxS.tar in DATA_DIR/downloads/manual/ (tfds checks checksums).
   ffhq256, ffhq1024      data_dir = a folder of PNG/JPEG images (recursive) or an (N, S, S, 3)
                          uint8 .npy; 7,000 held out as the official code does (the last 7,000 of
                          numpy's seed-5 permutation), valid = test. No tfds builder exists.
@@ -31,6 +33,11 @@ Exact resume: for folder, .npy and mnist5k sources the training order is a funct
 (hp.seed, image position), so `train_dataset(..., start_step=k)` continues exactly where step
 k left off. For tfds sources save the iterator with the model instead:
 `tf.train.Checkpoint(data=iter(train_dataset(...)), ...)` (the shuffle buffer is saved too).
+
+tfds prepares a dataset on first use, which needs a network (or the source files in
+DATA_DIR/downloads/manual/); when it cannot, the DataError says why: a missing module (with its
+pip line), no network, or a source file that is not the original (tests/test_tfds.py runs that
+path for real, offline).
 
 Errors in the data are a `DataError` with one line naming the path. Decoding happens inside
 tf.data, where an error arrives as a TensorFlow error; wrap iteration in `with
@@ -193,13 +200,11 @@ def _tfds_split(dataset, split, image_size, data_dir):
     import tensorflow_datasets as tfds
     name, test_split = TFDS[dataset]
     source = test_split if split == 'test' else 'train'
-    where = data_dir or 'the default tfds data_dir'
+    where = data_dir or f'the default tfds data_dir ({tfds.core.constants.DATA_DIR})'
     try:
         ds = tfds.load(name, split=source, shuffle_files=False, data_dir=data_dir)
-    except Exception as e:  # noqa: BLE001 -- tfds raises many kinds; all mean "not there"
-        raise DataError(f'{name}: cannot load split {source!r} from {where} (tfds downloads '
-                        f'and prepares it on first use, which needs a network): '
-                        f'{_first_line(e)}') from None
+    except Exception as e:  # noqa: BLE001 -- tfds raises many kinds; _tfds_failure sorts them
+        raise DataError(_tfds_failure(name, source, data_dir, where, e)) from None
     ds = ds.map(lambda example: example['image'])
     # tfds's train order is fixed and was shuffled when the dataset was built, so the first
     # images are a random held-out set; take/skip also work under tfds.testing.mock_data.
@@ -225,6 +230,77 @@ def _tfds_split(dataset, split, image_size, data_dir):
         with tf.control_dependencies([check]):
             return tf.ensure_shape(tf.identity(image), want)
     return Split(ds, decode, size)
+
+
+# What tfds's first use of a dataset (download, then prepare) fails on, told apart so that the
+# message names the real cause: a missing module is not a missing network.
+TFDS_SOURCE_FILES = {'cifar10': ('cifar-10-binary.tar.gz',)}
+TFDS_SOURCE_FILES.update({f'downsampled_imagenet/{s}x{s}': (f'train_{s}x{s}.tar', f'valid_{s}x{s}.tar')
+                          for s in (32, 64)})
+_NETWORK_SIGNS = ('Failed to resolve', 'Name or service not known', 'Could not resolve host',
+                  'Temporary failure in name resolution', 'Network is unreachable',
+                  'Connection refused', 'Failed to connect', "Couldn't connect", 'timed out')
+
+
+def _causes(e):
+    chain = []
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def _is_network_error(e):
+    import requests
+    if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                      ConnectionError, TimeoutError)):
+        return True
+    return any(sign in str(e) for sign in _NETWORK_SIGNS)
+
+
+def _pip_line(module):
+    """`pip install` of the module's pinned requirement (requirements.txt), else its bare name."""
+    top = module.split('.')[0]
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'requirements.txt')) as f:
+            for line in f:
+                pin = line.split('#')[0].strip()
+                if re.split(r'[=<>~!]', pin)[0].strip().lower().replace('-', '_') == top.lower():
+                    return f'pip install {pin}'
+    except OSError:
+        pass
+    return f'pip install {top}'
+
+
+def _tfds_failure(name, source, data_dir, where, e):
+    chain = _causes(e)
+    missing = next((c for c in chain if isinstance(c, ImportError)), None)
+    if missing is not None:
+        module = missing.name or _first_line(missing)
+        return (f'{name}: tensorflow-datasets needs the Python module {module!r} to load or prepare '
+                f'it, and it is not installed: {_pip_line(module)}')
+    network = any(_is_network_error(c) for c in chain)
+    if network and str(data_dir).startswith('gs://'):
+        return f'{name}: cannot reach {data_dir}: no network ({_first_line(e)})'
+    kinds = {type(c).__name__ for c in chain}
+    if 'NonMatchingChecksumError' in kinds:
+        return (f'{name}: a source file is not the original, its checksum differs from the one tfds '
+                f'expects ({_first_line(e)}). {_how_to_prepare(name)}')
+    if network or 'DownloadError' in kinds:
+        why = 'tfds cannot download it: no network' if network else 'its download failed'
+        return f'{name}: not prepared in {where}, and {why} ({_first_line(e)}). {_how_to_prepare(name)}'
+    return f'{name}: cannot load split {source!r} from {where}: {_first_line(e)}'
+
+
+def _how_to_prepare(name):
+    files = TFDS_SOURCE_FILES[name]
+    manual = (f'put {" and ".join(files)} in DIR/downloads/manual/, where tfds checks '
+              f'{"their checksums" if len(files) > 1 else "its checksum"}')
+    if name.startswith('downsampled_imagenet'):
+        return (f'image-net.org no longer serves these files: find copies (tensorflow/datasets#4662), '
+                f'{manual}, and pass --data_dir=DIR')
+    return (f'Where there is a network, tfds.builder("{name}", data_dir=DIR).download_and_prepare() '
+            f'prepares it (or {manual}); then pass --data_dir=DIR (a local folder or gs://)')
 
 
 # ---------------------------------------------------------------------------------------
@@ -394,13 +470,16 @@ def train_dataset(hp, strategy=None, data_dir=None, start_step=0):
     return _distribute(make, strategy)
 
 
-def eval_dataset(hp, split, strategy=None, data_dir=None):
-    """One pass over the split as (x_in, target, mask) batches of hp.batch_size per replica.
+def eval_dataset(hp, split, strategy=None, data_dir=None, n_images=None):
+    """One pass over the split (or its first n_images) as (x_in, target, mask) batches of
+    hp.batch_size per replica.
 
     Every image appears exactly once with mask 1; the last batches are padded with black images
     of mask 0, so every replica gets full batches and the same number of steps. Average a
     per-image quantity as sum(value * mask) / sum(mask)."""
     s = _split(hp.dataset, split, hp.image_size, data_dir)
+    if n_images:
+        s = s._replace(keys=s.keys.take(n_images), size=min(n_images, s.size))
     normalization(hp.dataset, hp.image_size)
     replicas = strategy.num_replicas_in_sync if strategy else 1
     blank = tf.zeros((hp.image_size, hp.image_size, 3), tf.uint8)
