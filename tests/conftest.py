@@ -11,14 +11,14 @@ import tensorflow as tf  # noqa: E402
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices('CPU')[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
-SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'spec')
+# Numbers made by the official code (tests/data/README.md): part of the project, never skipped.
+OFFICIAL_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
 
 @pytest.fixture(scope='session')
-def spec_dir():
-    if not os.path.isdir(SPEC):
-        pytest.skip(f'shared spec folder not found at {SPEC}')
-    return SPEC
+def official_data():
+    assert os.path.isfile(os.path.join(OFFICIAL_DATA, 'official_case', 'official.th')), OFFICIAL_DATA
+    return OFFICIAL_DATA
 
 
 @pytest.fixture(scope='session')

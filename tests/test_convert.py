@@ -3,7 +3,7 @@ torch; the file format checked against torch itself where torch is installed.
 
 The official layout is written out here a second time from the spec's description (its
 "Official checkpoint format" section), not taken from convert.official_layout, so the two
-check each other; the genuine official file of spec/official_case checks both."""
+check each other; the genuine official file of tests/data/official_case checks both."""
 import dataclasses
 import json
 import os
@@ -108,16 +108,16 @@ def _random_state_dict(hp, seed):
             for k, s in spec_shapes(hp).items()}
 
 
-def _case(spec_dir):
+def _case(official_data):
     """The official case's architecture on the tiny preset's offline dataset (its own,
     cifar10, needs a download; the checkpoint only fixes the architecture)."""
-    case = os.path.join(spec_dir, 'official_case')
+    case = os.path.join(official_data, 'official_case')
     cfg = json.load(open(os.path.join(case, 'hparams.json')))
     return hparams.load('tiny', **{k: cfg[k] for k in ARCHITECTURE}), os.path.join(case, 'official.th')
 
 
-def test_the_spec_layout_is_the_genuine_official_files_and_convert_uses_it(spec_dir):
-    hp, path = _case(spec_dir)
+def test_the_spec_layout_is_the_genuine_official_files_and_convert_uses_it(official_data):
+    hp, path = _case(official_data)
     official = convert.read_state_dict(path)
     assert [(k, v.shape) for k, v in official.items()] == list(spec_shapes(hp).items())
     assert [row[0] for row in convert.official_layout(vdvae.VDVAE(hp))] == list(official)
@@ -162,8 +162,8 @@ def test_every_imported_tensor_reaches_the_output():
     assert not unused, f'no gradient reaches {unused}'
 
 
-def test_load_refuses_missing_extra_and_misshapen_tensors_by_name(spec_dir):
-    hp, path = _case(spec_dir)
+def test_load_refuses_missing_extra_and_misshapen_tensors_by_name(official_data):
+    hp, path = _case(official_data)
     good, m = convert.read_state_dict(path), vdvae.VDVAE(hp)
     missing = {k: v for k, v in good.items() if k != 'decoder.dec_blocks.3.prior.c2.bias'}
     with pytest.raises(convert.CheckpointError, match=r'missing decoder\.dec_blocks\.3\.prior\.c2\.bias$'):
@@ -186,8 +186,8 @@ def _hparams_flags(hp):
 
 
 @pytest.fixture(scope='module')
-def imported(spec_dir, tmp_path_factory):
-    hp, path = _case(spec_dir)
+def imported(official_data, tmp_path_factory):
+    hp, path = _case(official_data)
     folder = str(tmp_path_factory.mktemp('imported') / 'run')
     r = cli.run('convert.py', f'--torch_ckpt={path}', f'--out={folder}', *_hparams_flags(hp))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -249,8 +249,8 @@ def test_import_refuses_a_folder_that_holds_a_checkpoint(imported):
     ('missing', 'decoder.dec_blocks.3.prior.c2.bias'),
     ('extra', 'decoder.dec_blocks.9.extra.weight'),
     ('shape', 'decoder.dec_blocks.5.z_proj.weight')])
-def test_import_cli_names_the_key_of_a_checkpoint_that_does_not_fit(spec_dir, tmp_path, fault, key):
-    hp, path = _case(spec_dir)
+def test_import_cli_names_the_key_of_a_checkpoint_that_does_not_fit(official_data, tmp_path, fault, key):
+    hp, path = _case(official_data)
     state_dict = convert.read_state_dict(path)
     if fault == 'missing':
         del state_dict[key]
@@ -266,8 +266,8 @@ def test_import_cli_names_the_key_of_a_checkpoint_that_does_not_fit(spec_dir, tm
     assert not os.path.exists(tmp_path / 'run')
 
 
-def test_the_model_file_gives_the_weights_to_train_on_and_export_can_write_them(spec_dir, tmp_path):
-    hp, path = _case(spec_dir)
+def test_the_model_file_gives_the_weights_to_train_on_and_export_can_write_them(official_data, tmp_path):
+    hp, path = _case(official_data)
     raw_dict = {k: v + np.float32(0.5) for k, v in convert.read_state_dict(path).items()}
     raw_path, folder = str(tmp_path / 'raw.th'), str(tmp_path / 'run')
     convert.write_state_dict(raw_dict, raw_path)

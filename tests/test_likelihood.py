@@ -10,8 +10,8 @@ import tensorflow as tf
 import model
 
 
-def test_dmol_nll_and_kl_match_the_official_implementation(spec_dir):
-    g = np.load(os.path.join(spec_dir, 'golden_dmol_kl.npz'))
+def test_dmol_nll_and_kl_match_the_official_implementation(official_data):
+    g = np.load(os.path.join(official_data, 'golden_dmol_kl.npz'))
     for bits, low_bit in (('8bit', False), ('5bit', True)):
         nll = model.dmol_nll(g[f'params_{bits}'], g[f'target_{bits}'], low_bit=low_bit).numpy()
         np.testing.assert_allclose(nll, g[f'nll_{bits}'], rtol=1e-5)

@@ -198,9 +198,9 @@ def test_gelu_conv_is_conv_of_the_exact_erf_gelu_with_its_gradients():
         np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_official_checkpoint_reproduces_the_official_outputs(spec_dir):
+def test_official_checkpoint_reproduces_the_official_outputs(official_data):
     import convert
-    case_dir = os.path.join(spec_dir, 'official_case')
+    case_dir = os.path.join(official_data, 'official_case')
     cfg = json.load(open(os.path.join(case_dir, 'hparams.json')))
     keys = ('width', 'zdim', 'bottleneck_multiple', 'num_mixtures', 'no_bias_above',
             'enc_blocks', 'dec_blocks', 'custom_width_str', 'image_size', 'low_bit')
