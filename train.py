@@ -51,6 +51,7 @@ def define_flags():
     flags.DEFINE_string('ckpt', None, 'checkpoint for --test_eval: a run folder or a ckpt-N prefix')
     flags.DEFINE_integer('iw_samples', 0, 'with --test_eval: also the importance-weighted bound on '
                          'log p(x) from this many posterior draws per image (0: ELBO only)')
+    flags.DEFINE_integer('n_images', 0, 'with --test_eval: only the first N test images (0: all)')
 
 
 # ---------------------------------------------------------------------------------------
@@ -331,15 +332,16 @@ def check_run_folder(logdir, hp):
 def test_eval(strategy):
     model, hp, _, _, step = sample.load(FLAGS.ckpt or FLAGS.logdir or f'runs/{FLAGS.hparams}', strategy)
     total = data.split_size(hp.dataset, 'test', hp.image_size, FLAGS.data_dir)
+    n = min(FLAGS.n_images, total) if FLAGS.n_images else total
     result = evaluate(make_eval_step(model, hp, strategy),
-                      data.eval_dataset(hp, 'test', strategy, FLAGS.data_dir), total, 'test')
+                      data.eval_dataset(hp, 'test', strategy, FLAGS.data_dir, n), n, 'test')
     excluded = f', {result["nonfinite"]} non-finite excluded' if result['nonfinite'] else ''
     print(f'test {hp.dataset}: {result["elbo"]:.4f} nats/dim = {result["bits_per_dim"]:.4f} '
           f'bits/dim over {result["images"]} images (EMA weights, step {step}'
           f'{excluded})')
     if FLAGS.iw_samples:
         iw = evaluate(make_iw_eval_step(model, hp, strategy, FLAGS.iw_samples),
-                      data.eval_dataset(hp, 'test', strategy, FLAGS.data_dir), total, f'IW K={FLAGS.iw_samples}')
+                      data.eval_dataset(hp, 'test', strategy, FLAGS.data_dir, n), n, f'IW K={FLAGS.iw_samples}')
         excluded = f', {iw["nonfinite"]} non-finite excluded' if iw['nonfinite'] else ''
         print(f'test {hp.dataset}: importance-weighted bound, K={FLAGS.iw_samples}: {iw["elbo"]:.4f} nats/dim = '
               f'{iw["bits_per_dim"]:.4f} bits/dim over {iw["images"]} images (ELBO - bound = '
@@ -377,10 +379,15 @@ def run(_):
         hparams.fail(e)
     if FLAGS.iw_samples < 0 or (FLAGS.iw_samples and not FLAGS.test_eval):
         hparams.fail(f'--iw_samples={FLAGS.iw_samples}: give a positive number of draws, with --test_eval')
+    if FLAGS.n_images < 0 or (FLAGS.n_images and not FLAGS.test_eval):
+        hparams.fail(f'--n_images={FLAGS.n_images}: give a positive number of test images, with --test_eval')
     if FLAGS.test_eval:
         test_eval(strategy)
         return
     logdir = FLAGS.logdir or os.path.join('runs', FLAGS.hparams)
+    # The data first: a wrong path or an unprepared dataset ends here, before the model is built
+    # and before the run folder is made.
+    data.split_size(hp.dataset, 'train', hp.image_size, FLAGS.data_dir)
     chief = is_chief(strategy)
     if chief:
         check_run_folder(logdir, hp)
