@@ -46,8 +46,11 @@ def test_two_replicas_match_one_device_for_the_same_global_batch():
     for a, b in zip(outs_one, outs_two):
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    # Summing two half-batch gradients rounds differently from one batch, and Adam divides by
+    # the root of tiny second moments, so an element can move by ~1e-6 (seen once under load);
+    # 1e-5 is still 1% of one Adam step at lr 1e-3.
     for a, b in zip(_snapshot(one)['weights'], _snapshot(two)['weights']):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+        np.testing.assert_allclose(a, b, atol=1e-5)
     assert int(two.step.numpy()) == 3 and int(two.optimizer.iterations.numpy()) == 3
 
 
