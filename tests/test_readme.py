@@ -1,0 +1,223 @@
+"""The README cannot rot: every command it shows runs here, as a user would type it, in a fresh
+folder and with the network cut off (tests/offline.py); the installs run in .ci/run.
+
+Where the real run takes hours or needs what this machine lacks, the plan below says exactly
+what changes, and nothing else does: a budget appended (steps, images), a value the user
+would have (their bucket, their files) replaced by one this machine has, or a paper preset
+given the official test case's tiny shape by field flags. Every flag the README shows is
+passed as shown, and every `--flag` it names must exist."""
+import fcntl
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from typing import NamedTuple
+
+import pytest
+
+import cli
+
+README = os.path.join(cli.ROOT, 'README.md')
+CASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'official_case')
+SCRIPTS = ('train.py', 'sample.py', 'convert.py', 'bench.py')
+
+
+def readme_commands():
+    """Shell lines of the README's plain code blocks (split at &&, comments dropped), then
+    the commands quoted in its text, each once, in order."""
+    text = open(README).read()
+    commands = []
+    for block in re.findall(r'^```\n(.*?)^```', text, re.S | re.M):
+        for line in block.splitlines():
+            line = re.sub(r'\s+#.*$', '', line).strip()
+            commands += [part.strip() for part in line.split('&&') if part.strip()]
+    commands += re.findall(r'`((?:python|pip) [^`]*)`', text)
+    return list(dict.fromkeys(commands))
+
+
+def case_flags():
+    """Field flags that give a preset the architecture of tests/data/official_case, on the
+    offline digits at its 16x16 size."""
+    cfg = json.load(open(os.path.join(CASE, 'hparams.json')))
+    cfg['dataset'] = 'mnist5k'
+    return [f'--{k}={str(v).lower() if isinstance(v, bool) else v}' for k, v in cfg.items()]
+
+
+class Plan(NamedTuple):
+    replace: tuple = ()       # (what the README shows, what runs here)
+    extra: tuple = ()         # appended: budgets, the tiny shape
+    error: str = None         # the run must end with this one error line (a regex), else exit 0
+    status: int = 0           # absl's --help and --helpfull exit with 1
+    makes: tuple = ()         # files the run must leave, relative to the user's folder
+    prints: str = None        # a regex its output must match
+
+
+STEPS = ('--steps=2', '--eval_every=0', '--samples_every=2')   # evaluation: the --test_eval lines
+PLANS = {
+    # Set-up. The installs and the test command are .ci/run's own lines (checked below).
+    'pip install -r requirements.txt': 'ci',
+    'pip install --no-deps mlxtend==0.25.0': 'ci',
+    'pip install -r requirements-test.txt': 'ci',
+    'python -m pytest -q -n 2 tests': 'ci',
+    'python train.py --hparams=demo': Plan(
+        extra=STEPS, makes=('runs/demo/ckpt/checkpoint', 'runs/demo/samples/step-00000002.png',
+                            'runs/demo/log.jsonl')),
+    'python sample.py --ckpt=runs/demo --temp=0.85': Plan(makes=('runs/demo/figures/samples-t0.85-seed0.png',)),
+    'python train.py --helpfull': Plan(status=1),
+    # Training the paper's models. Without a network the tfds datasets end at the download.
+    'python train.py --hparams=imagenet32 --data_dir=gs://bucket/tfds': Plan(
+        replace=(('gs://bucket/tfds', 'tfds'),),
+        error=r'downsampled_imagenet/32x32: not prepared in tfds, and tfds cannot download it: no network'),
+    'python train.py --hparams=ffhq256 --data_dir=/data/ffhq-256.npy --strategy=mirrored': Plan(
+        replace=(('/data/ffhq-256.npy', 'ffhq-256.npy'),), error=r'ffhq-256.npy: no such file'),
+    'python train.py --test_eval --ckpt=runs/imagenet32': Plan(
+        replace=(('runs/imagenet32', 'runs/demo'),), extra=('--n_images=32',),
+        prints=r'test mnist5k: [\d.]+ nats/dim = [\d.]+ bits/dim over 32 images \(EMA weights, step 2\)'),
+    'python train.py --test_eval --ckpt=runs/imagenet32 --iw_samples=64': Plan(
+        replace=(('runs/imagenet32', 'runs/imagenet32-official'),), extra=('--n_images=8',),
+        prints=r'importance-weighted bound, K=64: [\d.]+ nats/dim = [\d.]+ bits/dim over 8 images'),
+    # Sampling.
+    'python sample.py --ckpt=runs/demo --temp=1.0,0.9,0.8,0.7 --n=8': Plan(
+        makes=('runs/demo/figures/samples-t1.0_0.9_0.8_0.7-seed0.png',)),
+    "python sample.py --ckpt=runs/demo --temp='ramp:0.6:1.0;res:1=0.5,4=0.8'": Plan(),
+    'python sample.py --ckpt=runs/demo --mode=reconstruct [--images=DIR_OR_FILE] [--keep=1,4,8]': Plan(
+        replace=(('[--images=DIR_OR_FILE]', '--images=digits'), ('[--keep=1,4,8]', '--keep=1,4,8')),
+        makes=('runs/demo/figures/reconstructions-seed0.png',)),
+    'python sample.py --ckpt=runs/demo --mode=stats': Plan(
+        extra=('--n=8',), makes=('runs/demo/figures/stats.png', 'runs/demo/figures/stats.csv')),
+    'python sample.py --help': Plan(status=1),
+    # Official weights: the genuine official file of the test case, in its tiny shape.
+    'python convert.py --torch_ckpt=imagenet32-model-ema.th --hparams=imagenet32 --out=runs/imagenet32-official': Plan(
+        replace=(('imagenet32-model-ema.th', os.path.join(CASE, 'official.th')),), extra=tuple(case_flags()),
+        makes=('runs/imagenet32-official/hparams.json',)),
+    'python sample.py --ckpt=runs/imagenet32-official --temp=0.85': Plan(
+        makes=('runs/imagenet32-official/figures/samples-t0.85-seed0.png',)),
+    'python train.py --test_eval --ckpt=runs/imagenet32-official': Plan(
+        extra=('--n_images=8',), prints=r'bits/dim over 8 images \(EMA weights, step 0\)'),
+    'python convert.py --export --ckpt=runs/imagenet32 --out=imagenet32-ema.th': Plan(
+        replace=(('runs/imagenet32', 'runs/imagenet32-official'),), makes=('imagenet32-ema.th',)),
+    'python train.py --hparams=imagenet32 --logdir=runs/imagenet32-official': Plan(
+        replace=(('runs/imagenet32-official', 'runs/imagenet32-finetune'),),     # a copy: see MAKERS
+        extra=tuple(case_flags()) + ('--steps=1', '--eval_every=0', '--samples_every=0'),
+        makes=('runs/imagenet32-finetune/ckpt/ckpt-1.index',)),
+    # The measurements: the tiny preset, one timed step.
+    'python bench.py --presets=cifar10,imagenet32': Plan(
+        replace=(('--presets=cifar10,imagenet32', '--presets=tiny'),), extra=('--steps=1', '--batch=2')),
+}
+# The commands that make the run folders the others read.
+MAKERS = {'runs/demo': 'python train.py --hparams=demo',
+          'runs/imagenet32-official': 'python convert.py --torch_ckpt=imagenet32-model-ema.th '
+                                      '--hparams=imagenet32 --out=runs/imagenet32-official'}
+
+
+def as_run_here(command):
+    line = command
+    for shown, here in PLANS[command].replace:
+        assert shown in line, (shown, command)
+        line = line.replace(shown, here)
+    return line
+
+
+def run(command, folder):
+    plan, line = PLANS[command], as_run_here(command)
+    argv = shlex.split(line) + list(plan.extra)
+    assert argv[0] == 'python' and argv[1] in SCRIPTS, command
+    r = subprocess.run([sys.executable, os.path.join(cli.ROOT, 'tests', 'offline.py'),
+                        os.path.join(cli.ROOT, argv[1]), *argv[2:]], cwd=folder, capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    if plan.error:
+        assert re.search(plan.error, cli.error_line(r)), r.stderr[-2000:]
+    else:
+        assert r.returncode == plan.status and 'Traceback' not in r.stderr, f'{line}\n{r.stderr[-3000:]}'
+    if plan.prints:
+        assert re.search(plan.prints, r.stdout), r.stdout[-2000:]
+    for f in plan.makes:
+        assert os.path.isfile(os.path.join(folder, f)), (command, f, r.stdout[-2000:])
+    return r
+
+
+def made(folder, run_folder):
+    """`folder` once the README command that makes `run_folder` (runs/demo or
+    runs/imagenet32-official) has run: once for all test processes, each run folder under a
+    lock of its own so that both can be made at the same time."""
+    folder.mkdir(exist_ok=True)
+    with open(folder / f'{run_folder.replace("/", "-")}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / run_folder / 'made').exists():
+            run(MAKERS[run_folder], folder)
+            if run_folder == 'runs/imagenet32-official':
+                # Fine-tuning writes checkpoints; the other commands read the import as made.
+                shutil.copytree(folder / run_folder, folder / 'runs' / 'imagenet32-finetune')
+            (folder / run_folder / 'made').touch()
+    return folder
+
+
+@pytest.fixture(scope='session')
+def user_folder(tmp_path_factory, request):
+    """A user's folder, shared by all test processes (pytest-xdist workers share the parent of
+    their temporary folders), holding three of the user's own images for --images."""
+    root = tmp_path_factory.getbasetemp()
+    if hasattr(request.config, 'workerinput'):
+        root = root.parent
+    folder = root / 'readme-user'
+    digits = folder / 'digits'
+    digits.mkdir(parents=True, exist_ok=True)
+    import numpy as np
+    from PIL import Image
+    for i, x in enumerate(np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8)):
+        Image.fromarray(x).save(digits / f'{i}.png')
+    return folder
+
+
+def test_every_readme_command_has_a_plan_and_every_plan_a_command():
+    shown = readme_commands()
+    assert [c for c in shown if c not in PLANS] == [] and [c for c in PLANS if c not in shown] == []
+
+
+def test_the_readme_installs_and_test_command_are_what_ci_runs():
+    ci = {part.strip() for line in open(os.path.join(cli.ROOT, '.ci', 'run'))
+          if not line.lstrip().startswith('#') for part in line.split('&&')}
+    for command in (c for c in PLANS if PLANS[c] == 'ci'):
+        assert command in ci, command
+
+
+@pytest.mark.parametrize('command', [c for c in PLANS if PLANS[c] != 'ci' and c not in MAKERS.values()])
+def test_readme_command(command, request, tmp_path):
+    # Commands that read no run folder start at once, in an empty folder of their own.
+    folder = tmp_path
+    reads = [f for f in MAKERS if f in as_run_here(command).replace('imagenet32-finetune', 'imagenet32-official')]
+    if reads:
+        folder = made(request.getfixturevalue('user_folder'), reads[0])
+    r = run(command, folder)
+    if '--help' in command:
+        assert '--ckpt' in r.stdout + r.stderr
+
+
+def test_every_flag_the_readme_names_exists():
+    import dataclasses
+    import hparams
+    defined = {'help', 'helpfull', 'helpshort'}             # absl's own
+    defined |= {f.name for f in dataclasses.fields(hparams.HParams)} | {'hparams'}
+    for script in SCRIPTS:
+        defined |= set(re.findall(r"DEFINE_\w+\(\s*'(\w+)'", open(os.path.join(cli.ROOT, script)).read()))
+    assert {'ckpt', 'temp', 'torch_ckpt', 'presets', 'n_images', 'steps'} <= defined
+    named = set(re.findall(r'--([a-z]\w*)(?![\w-])', open(README).read()))    # not pip's --no-deps
+    assert named <= defined, sorted(named - defined)
+
+
+def test_the_model_api_in_the_readme_runs():
+    """The README's Python block, on the tiny preset."""
+    import numpy as np
+    import tensorflow as tf
+    block = re.search(r'^```python\n(.*?)^```', open(README).read(), re.S | re.M).group(1)
+    assert "hparams.load('cifar10')" in block
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 16, 16, 3)).astype(np.float32)
+    namespace = dict(x_in=tf.constant((images - 128.) / 64.), target=tf.constant(images / 127.5 - 1.), k=2)
+    exec(block.replace("hparams.load('cifar10')", "hparams.load('tiny')"), namespace)   # noqa: S102
+    m = namespace['m']
+    assert namespace['images'].shape == (2, 16, 16, 3) and len(namespace['zs']) == m.num_layers
+    assert namespace['kl'].shape == (2, m.num_layers) and namespace['log_w'].shape == (2,)
