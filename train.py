@@ -8,9 +8,11 @@ gradient norm from the all-reduced gradients; clip to `grad_clip`; skip the whol
 loss is not finite on any replica; an EMA of the weights updated only on applied steps.
 """
 import dataclasses
+import glob
 import json
 import math
 import os
+import sys
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -35,7 +37,7 @@ def define_flags():
                         '(default runs/<preset>); restarting the same command resumes from it')
     flags.DEFINE_enum('strategy', 'auto', ['auto', 'default', 'mirrored', 'tpu', 'multiworker'],
                       'auto: TPU if reachable, else all GPUs, else one device')
-    flags.DEFINE_string('tpu', '', 'TPU name or address for --strategy=tpu (empty: Colab / local TPU VM)')
+    flags.DEFINE_string('tpu', 'local', 'TPU name or address (local: this TPU VM, as on Colab)')
     flags.DEFINE_string('data_dir', None, 'tfds data_dir (may be gs://), or the FFHQ folder / .npy')
     flags.DEFINE_enum('precision', 'float32', ['float32', 'mixed_bfloat16', 'mixed_float16'],
                       'compute precision; variables, likelihood and KL stay float32; float16 uses a '
@@ -58,17 +60,28 @@ def define_flags():
 # Distribution strategy.
 
 
-def make_strategy(name='auto', tpu=''):
-    """auto: a TPU if one is reachable, else all GPUs (Mirrored), else the default strategy."""
-    if name in ('tpu', 'auto'):
+def tpu_present():
+    """A TPU VM shows its chips as /dev/accel* (v2 to v4) or /dev/vfio/N (v5e on); TPU_NAME
+    names a remote one."""
+    return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*') or os.environ.get('TPU_NAME'))
+
+
+def make_strategy(name='auto', tpu='local'):
+    """auto: the TPU if this machine has one, else all GPUs (Mirrored), else the default
+    strategy. A TPU that fails to start (no chips reachable, a TensorFlow wheel without TPU
+    kernels, ...) is one line on stderr, then the fallback; --strategy=tpu makes it an error."""
+    if name == 'tpu' or (name == 'auto' and tpu_present()):
         try:
-            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
             tf.config.experimental_connect_to_cluster(resolver)
             tf.tpu.experimental.initialize_tpu_system(resolver)
             return tf.distribute.TPUStrategy(resolver)
-        except (ValueError, tf.errors.NotFoundError, tf.errors.UnavailableError) as e:
+        except Exception as e:  # noqa: BLE001 -- ValueError, NotFoundError, InvalidArgumentError...
+            why = f'the TPU ({tpu or "TPU_NAME"}) did not start: {type(e).__name__}: {data._first_line(e)}'
             if name == 'tpu':
-                raise RuntimeError(f'no TPU reachable ({e}); use --strategy=auto or default') from None
+                raise RuntimeError(f'{why}. On a TPU VM install tensorflow-tpu (README: Colab and TPU), '
+                                   'or use --strategy=auto') from None
+            print(f'strategy: {why}; falling back to GPUs or the CPU', file=sys.stderr)
     if name == 'multiworker':
         if 'TF_CONFIG' not in os.environ:
             raise RuntimeError('--strategy=multiworker needs TF_CONFIG (cluster and task) in the environment')

@@ -6,10 +6,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(script, *args, timeout=300):
-    """`python script args...` from the repository root; TF's own logging silenced."""
+def run(script, *args, timeout=300, env=None):
+    """`python script args...` from the repository root; TF's own logging silenced; `env`: more
+    environment variables."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+                          cwd=ROOT, timeout=timeout, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', **(env or {})))
 
 
 def error_line(r):

@@ -266,3 +266,27 @@ def test_evaluation_averages_per_image_counts_non_finite_images_and_ignores_padd
     expected = per_image[[0, 1, 3, 4, 5]].mean()
     assert result['elbo'] == pytest.approx(expected, rel=1e-5)
     assert result['bits_per_dim'] == pytest.approx(expected / np.log(2), rel=1e-5)
+
+
+def test_a_tpu_that_does_not_start_is_one_line_and_auto_falls_back(tmp_path):
+    # TPU_NAME says a TPU is there; here none can start (no chips, a wheel without TPU kernels).
+    tpu = {'TPU_NAME': 'local'}
+    line = cli.error_line(cli.run('train.py', '--hparams=tiny', '--strategy=tpu', f'--logdir={tmp_path / "a"}',
+                                  env=tpu))
+    assert 'the TPU (local) did not start' in line and 'tensorflow-tpu' in line
+    r = cli.run('train.py', '--hparams=tiny', '--steps=1', '--eval_every=0', '--samples_every=0',
+                f'--logdir={tmp_path / "b"}', env=tpu)
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = [l for l in r.stderr.splitlines() if l.startswith('strategy:')]
+    assert len(said) == 1 and 'the TPU (local) did not start' in said[0] and 'falling back' in said[0], said
+    assert '_DefaultDistributionStrategy' in r.stdout and 'done: 1 steps' in r.stdout
+
+
+
+def test_auto_tries_no_tpu_without_a_sign_of_one(monkeypatch, capsys):
+    monkeypatch.delenv('TPU_NAME', raising=False)
+    monkeypatch.setattr(train.glob, 'glob', lambda pattern: [])
+    monkeypatch.setattr(tf.distribute.cluster_resolver, 'TPUClusterResolver', None)   # would fail if called
+    assert not train.tpu_present()
+    assert train.make_strategy('auto') is tf.distribute.get_strategy()
+    assert 'strategy:' not in capsys.readouterr().err
