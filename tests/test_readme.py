@@ -168,7 +168,9 @@ def user_folder(tmp_path_factory, request):
     import numpy as np
     from PIL import Image
     for i, x in enumerate(np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8)):
-        Image.fromarray(x).save(digits / f'{i}.png')
+        if not (digits / f'{i}.png').exists():     # whole files only: the other process may read
+            Image.fromarray(x).save(digits / f'{i}.tmp', format='PNG')
+            os.replace(digits / f'{i}.tmp', digits / f'{i}.png')
     return folder
 
 
