@@ -155,8 +155,8 @@ def create_state(hp, strategy, loss_scale=1.):
 # One update.
 
 
-def make_train_step(state, hp, strategy):
-    """A tf.function (x_in, target) -> dict of global-batch means, run under `strategy`."""
+def _replica_step(state, hp, strategy):
+    """The update of one step, as each replica runs it: (x_in, target) -> its global means."""
     model, variables = state.model, state.model.trainable_variables
     n_replicas = strategy.num_replicas_in_sync
     dynamic_scale = float(state.loss_scale.numpy()) != 1.
@@ -222,12 +222,46 @@ def make_train_step(state, hp, strategy):
         ctx.merge_call(apply_update, args=(grads, skip))
         return dict(means, grad_norm=grad_norm, skipped=tf.cast(skip, tf.float32))
 
+    return replica_step
+
+
+def make_train_step(state, hp, strategy):
+    """A tf.function (x_in, target) -> dict of global-batch means of one update."""
+    replica_step = _replica_step(state, hp, strategy)
+
     @tf.function(autograph=False)
     def train_step(x_in, target):
         out = strategy.run(replica_step, args=(x_in, target))
         return {k: strategy.experimental_local_results(v)[0] for k, v in out.items()}
 
     return train_step
+
+
+def make_train_loop(state, hp, strategy):
+    """A tf.function (iterator, n) -> n updates in one call, so that a TPU does not wait for
+    the host between steps. Returns the mean of each value over the call's steps whose loss
+    and gradient norm are finite, the largest finite gradient norm (grad_norm_max) and the
+    number of skipped updates (skipped)."""
+    replica_step = _replica_step(state, hp, strategy)
+    keys = ('elbo', 'distortion', 'rate', 'grad_norm')
+
+    @tf.function(autograph=False)
+    def train_steps(iterator, n):
+        def body(i, sums, finite, top, skipped):
+            out = strategy.run(replica_step, args=next(iterator))
+            out = {k: strategy.experimental_local_results(v)[0] for k, v in out.items()}
+            ok = tf.math.is_finite(out['elbo']) & tf.math.is_finite(out['grad_norm'])
+            sums = {k: sums[k] + tf.where(ok, out[k], 0.) for k in keys}
+            top = tf.where(ok, tf.maximum(top, out['grad_norm']), top)
+            return i + 1, sums, finite + tf.cast(ok, tf.float32), top, skipped + out['skipped']
+
+        zero = tf.zeros([])
+        _, sums, finite, top, skipped = tf.while_loop(
+            lambda i, *_: i < n, body, (tf.constant(0), {k: zero for k in keys}, zero, zero, zero))
+        means = {k: tf.where(finite > 0, v / tf.maximum(finite, 1.), float('nan')) for k, v in sums.items()}
+        return dict(means, grad_norm_max=top, skipped=skipped)
+
+    return train_steps
 
 
 def _finite_sums(per_image, mask):

@@ -290,3 +290,32 @@ def test_auto_tries_no_tpu_without_a_sign_of_one(monkeypatch, capsys):
     assert not train.tpu_present()
     assert train.make_strategy('auto') is tf.distribute.get_strategy()
     assert 'strategy:' not in capsys.readouterr().err
+
+
+def test_n_updates_in_one_call_equal_n_calls_of_one():
+    """make_train_loop (several updates per host call, for TPUs): however a run is cut into
+    calls, the same updates to the bit; one image NaN makes its step skipped inside a call."""
+    hp = hparams.load('tiny', warmup_iters=2)
+    batches = [_batch(seed=i) for i in range(4)]
+    batches[2][0][3] = np.nan
+    x, t = (np.concatenate(parts) for parts in zip(*batches))
+    results = {}
+    for calls in ((1, 1, 1, 1), (4,)):
+        keras.utils.set_random_seed(0)
+        state = train.create_state(hp, tf.distribute.get_strategy())
+        loop = train.make_train_loop(state, hp, tf.distribute.get_strategy())
+        it = iter(tf.data.Dataset.from_tensor_slices((x, t)).batch(8))
+        outs = [{k: float(v) for k, v in loop(it, tf.constant(n)).items()} for n in calls]
+        results[calls] = _snapshot(state), outs
+        assert int(state.step.numpy()) == 4 and int(state.skipped.numpy()) == 1
+        assert int(state.optimizer.iterations.numpy()) == 3
+    for kind in results[(4,)][0]:
+        for a, b in zip(results[(1, 1, 1, 1)][0][kind], results[(4,)][0][kind]):
+            np.testing.assert_array_equal(a, b, err_msg=kind)
+    one, four = results[(1, 1, 1, 1)][1], results[(4,)][1][0]
+    assert four['skipped'] == 1 and [o['skipped'] for o in one] == [0, 0, 1, 0]
+    # The call's means leave out the NaN step; its largest gradient norm is the finite ones'.
+    finite = [o for o in one if np.isfinite(o['elbo'])]
+    assert len(finite) == 3 and four['grad_norm_max'] == max(o['grad_norm'] for o in finite)
+    for k in ('elbo', 'distortion', 'rate', 'grad_norm'):
+        assert four[k] == pytest.approx(np.mean([o[k] for o in finite]), rel=1e-6), k
