@@ -43,6 +43,9 @@ def define_flags():
                       'compute precision; variables, likelihood and KL stay float32; float16 uses a '
                       'dynamic loss scale (overflowing steps are skipped and halve it)')
     flags.DEFINE_integer('log_every', 10, 'steps between log lines')
+    flags.DEFINE_integer('steps_per_call', 0, 'updates per host call (a TPU idles while the host '
+                         'dispatches each call); a call also ends where a log line, checkpoint, sample '
+                         'grid or evaluation is due. 0: --log_every on a TPU, else 1')
     flags.DEFINE_integer('save_every', 1000, 'steps between checkpoints')
     flags.DEFINE_integer('keep_checkpoints', 3, 'checkpoints kept')
     flags.DEFINE_integer('eval_every', 5000, 'steps between validation passes (EMA weights; 0: never)')
@@ -426,6 +429,8 @@ def run(_):
         hparams.fail(e)
     if FLAGS.iw_samples < 0 or (FLAGS.iw_samples and not FLAGS.test_eval):
         hparams.fail(f'--iw_samples={FLAGS.iw_samples}: give a positive number of draws, with --test_eval')
+    if FLAGS.steps_per_call < 0:
+        hparams.fail(f'--steps_per_call={FLAGS.steps_per_call}: give a positive number, or 0 for the default')
     if FLAGS.n_images < 0 or (FLAGS.n_images and not FLAGS.test_eval):
         hparams.fail(f'--n_images={FLAGS.n_images}: give a positive number of test images, with --test_eval')
     if FLAGS.test_eval:
@@ -464,7 +469,9 @@ def run(_):
             train_iter = iter(data.train_dataset(hp, strategy, FLAGS.data_dir,
                                                  start_step=int(state.step.numpy())))
     print(f'{vdvae.count_params(state.model):,} parameters, {state.model.num_layers} stochastic layers')
-    train_step = make_train_step(state, hp, strategy)
+    train_steps = make_train_loop(state, hp, strategy)
+    per_call = FLAGS.steps_per_call or (FLAGS.log_every if isinstance(strategy, tf.distribute.TPUStrategy) else 1)
+    events = [e for e in (FLAGS.log_every, FLAGS.save_every, FLAGS.samples_every, FLAGS.eval_every) if e > 0]
     log = Log(logdir) if chief else None
     # Eight validation images spread over the split (splits may be sorted, e.g. by label).
     n_valid = data.split_size(hp.dataset, 'valid', hp.image_size, FLAGS.data_dir)
@@ -474,9 +481,10 @@ def run(_):
     step, t0, t_log = int(state.step.numpy()), time.time(), time.time()
     start = step
     while step < hp.steps:
+        n = min([per_call, hp.steps - step] + [e - step % e for e in events])
         with data.clear_errors():
-            out = train_step(*next(train_iter))
-        step += 1
+            out = train_steps(train_iter, tf.constant(n))
+        step += n
         if step % FLAGS.log_every == 0 or step == hp.steps:
             values = {k: float(v) for k, v in out.items()}
             values.update(bits_per_dim=values['elbo'] / math.log(2), lr=float(state.optimizer.learning_rate),
