@@ -82,8 +82,8 @@ def make_strategy(name='auto', tpu='local'):
         except Exception as e:  # noqa: BLE001 -- ValueError, NotFoundError, InvalidArgumentError...
             why = f'the TPU ({tpu or "TPU_NAME"}) did not start: {type(e).__name__}: {data._first_line(e)}'
             if name == 'tpu':
-                raise RuntimeError(f'{why}. On a TPU VM install tensorflow-tpu (README: Colab and TPU), '
-                                   'or use --strategy=auto') from None
+                raise RuntimeError(f'{why}. A TPU VM needs the tensorflow-tpu wheel (with its libtpu) '
+                                   'instead of tensorflow; or use --strategy=auto') from None
             print(f'strategy: {why}; falling back to GPUs or the CPU', file=sys.stderr)
     if name == 'multiworker':
         if 'TF_CONFIG' not in os.environ:
