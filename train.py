@@ -437,9 +437,10 @@ def run(_):
         test_eval(strategy)
         return
     logdir = FLAGS.logdir or os.path.join('runs', FLAGS.hparams)
+    keras.utils.set_random_seed(hp.seed)      # the same initial weights (and input order) in every run
     # The data first: a wrong path or an unprepared dataset ends here, before the model is built
     # and before the run folder is made.
-    data.split_size(hp.dataset, 'train', hp.image_size, FLAGS.data_dir)
+    train_data = data.train_dataset(hp, strategy, FLAGS.data_dir)
     chief = is_chief(strategy)
     if chief:
         check_run_folder(logdir, hp)
@@ -447,7 +448,6 @@ def run(_):
     print(f'{FLAGS.hparams}: {hp.batch_size} images per replica x {replicas} replicas = '
           f'{hp.batch_size * replicas} per step, {strategy.__class__.__name__}, logdir {logdir}')
 
-    keras.utils.set_random_seed(hp.seed)      # the same initial weights in every run
     state = create_state(hp, strategy, loss_scale=2. ** 15 if FLAGS.precision == 'mixed_float16' else 1.)
     if FLAGS.eval_every:
         with strategy.scope():
@@ -455,7 +455,7 @@ def run(_):
         eval_step = make_eval_step(eval_model, hp, strategy)
     # The input iterator (position and shuffle state) is saved with the model where the
     # strategy allows it; elsewhere (multi-worker) the input restarts at the saved step.
-    train_iter = iter(data.train_dataset(hp, strategy, FLAGS.data_dir))
+    train_iter = iter(train_data)
     saved_iter = isinstance(train_iter, tf.__internal__.tracking.Trackable)
     ckpt = state.checkpoint(data=train_iter) if saved_iter else state.checkpoint()
     # Every worker saves (collectives need all of them); others keep one copy in .worker-N.
