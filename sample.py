@@ -170,11 +170,12 @@ def _schedule(row, model):
 # The figures' computations.
 
 
-def make_sampler(model):
+def make_sampler(model, jit_compile=False):
     """(n, temperature, seed) -> uint8 images. The prior path only, one compiled graph per
-    batch size; temperatures are a tensor, so every schedule reuses the graph."""
+    batch size; temperatures are a tensor, so every schedule reuses the graph. jit_compile:
+    one XLA program per batch size (as on a TPU)."""
     graph = tf.function(lambda n, temperatures, seed: model.sample(n, temperatures, seed),
-                        autograph=False, reduce_retracing=False)
+                        autograph=False, reduce_retracing=False, jit_compile=jit_compile or None)
 
     def sample(n, temperature, seed):
         return graph(n, model.temperatures(temperature), tf.constant(seed, tf.int32))

@@ -42,6 +42,13 @@ def define_flags():
     flags.DEFINE_enum('precision', 'float32', ['float32', 'mixed_bfloat16', 'mixed_float16'],
                       'compute precision; variables, likelihood and KL stay float32; float16 uses a '
                       'dynamic loss scale (overflowing steps are skipped and halve it)')
+    flags.DEFINE_enum('conv_precision', 'highest', ['highest', 'default'],
+                      'float32 convolutions on TPUs and recent GPUs. highest: full float32 (the '
+                      'paper\'s V100s; the JAX port of VDVAE needed it to reach CIFAR-10\'s 2.87 '
+                      'bits/dim, its ELBO moved by ~1% otherwise); default: the hardware\'s fast mode '
+                      '(TPU: bfloat16 passes, Ampere+ GPU: TF32). No effect on CPUs or in bfloat16')
+    flags.DEFINE_boolean('jit_compile', False, 'compile each train and eval step as one XLA program '
+                         '(a TPU always does; on GPUs it may be faster; README: Colab and TPU)')
     flags.DEFINE_integer('log_every', 10, 'steps between log lines')
     flags.DEFINE_integer('steps_per_call', 0, 'updates per host call (a TPU idles while the host '
                          'dispatches each call); a call also ends where a log line, checkpoint, sample '
@@ -158,6 +165,20 @@ def create_state(hp, strategy, loss_scale=1.):
 # One update.
 
 
+def set_conv_precision(precision):
+    """'highest': float32 convolutions in full float32 wherever the hardware would round them
+    (XLA then marks every convolution operand_precision=highest); 'default': the fast mode."""
+    tf.config.experimental.enable_tensor_float_32_execution(precision == 'default')
+
+
+def _compiled(fn, strategy, jit_compile):
+    """fn as one XLA program (what a TPU makes of everything strategy.run runs; there it is
+    compiled anyway, so it is left as it is)."""
+    if not jit_compile or isinstance(strategy, tf.distribute.TPUStrategy):
+        return fn
+    return tf.function(fn, jit_compile=True, autograph=False)
+
+
 def _replica_step(state, hp, strategy):
     """The update of one step, as each replica runs it: (x_in, target) -> its global means."""
     model, variables = state.model, state.model.trainable_variables
@@ -228,9 +249,9 @@ def _replica_step(state, hp, strategy):
     return replica_step
 
 
-def make_train_step(state, hp, strategy):
+def make_train_step(state, hp, strategy, jit_compile=False):
     """A tf.function (x_in, target) -> dict of global-batch means of one update."""
-    replica_step = _replica_step(state, hp, strategy)
+    replica_step = _compiled(_replica_step(state, hp, strategy), strategy, jit_compile)
 
     @tf.function(autograph=False)
     def train_step(x_in, target):
@@ -240,12 +261,13 @@ def make_train_step(state, hp, strategy):
     return train_step
 
 
-def make_train_loop(state, hp, strategy):
+def make_train_loop(state, hp, strategy, jit_compile=False):
     """A tf.function (iterator, n) -> n updates in one call, so that a TPU does not wait for
     the host between steps. Returns the mean of each value over the call's steps whose loss
     and gradient norm are finite, the largest finite gradient norm (grad_norm_max) and the
-    number of skipped updates (skipped)."""
-    replica_step = _replica_step(state, hp, strategy)
+    number of skipped updates (skipped). jit_compile: each update is one XLA program, as on a
+    TPU; the loop and the input stay on the host."""
+    replica_step = _compiled(_replica_step(state, hp, strategy), strategy, jit_compile)
     keys = ('elbo', 'distortion', 'rate', 'grad_norm')
 
     @tf.function(autograph=False)
@@ -264,6 +286,7 @@ def make_train_loop(state, hp, strategy):
         means = {k: tf.where(finite > 0, v / tf.maximum(finite, 1.), float('nan')) for k, v in sums.items()}
         return dict(means, grad_norm_max=top, skipped=skipped)
 
+    train_steps.replica_step = replica_step      # what a TPU compiles (the tests read its HLO)
     return train_steps
 
 
@@ -277,21 +300,24 @@ def _finite_sums(per_image, mask):
     return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, sums)
 
 
-def _eval_function(strategy, replica_fn):
+def _eval_function(strategy, replica_fn, jit_compile=False):
+    replica_fn = _compiled(replica_fn, strategy, jit_compile)
+
     @tf.function(autograph=False)
     def step(x_in, target, mask):
         out = strategy.run(replica_fn, args=(x_in, target, mask))
         return {k: strategy.experimental_local_results(v)[0] for k, v in out.items()}
+    step.replica_step = replica_fn
     return step
 
 
-def make_eval_step(model, hp, strategy):
+def make_eval_step(model, hp, strategy, jit_compile=False):
     """(x_in, target, mask) -> global sums of elbo, distortion and rate, and image counts."""
     return _eval_function(strategy, lambda x_in, target, mask: _finite_sums(
-        model.losses_per_image(x_in, target, seed=tf.constant([hp.seed, -1])), mask))
+        model.losses_per_image(x_in, target, seed=tf.constant([hp.seed, -1])), mask), jit_compile)
 
 
-def make_iw_eval_step(model, hp, strategy, samples):
+def make_iw_eval_step(model, hp, strategy, samples, jit_compile=False):
     """(x_in, target, mask) -> the sums make_eval_step gives, with `elbo` replaced by the
     importance-weighted bound -log mean_k p(x, z_k) / q(z_k | x) in nats/dim. A while loop
     over the draws, a few per pass (the batch tiled), keeps memory at a few batches."""
@@ -311,7 +337,7 @@ def make_iw_eval_step(model, hp, strategy, samples):
                                    (tf.constant(0), tf.fill([n], -float('inf'))))
         return _finite_sums(dict(elbo=-(log_sum - math.log(samples)) / dims), mask)
 
-    return _eval_function(strategy, replica_iw)
+    return _eval_function(strategy, replica_iw, jit_compile)
 
 
 def evaluate(eval_step, dataset, total=None, label='eval'):
@@ -383,14 +409,14 @@ def test_eval(strategy):
     model, hp, _, _, step = sample.load(FLAGS.ckpt or FLAGS.logdir or f'runs/{FLAGS.hparams}', strategy)
     total = data.split_size(hp.dataset, 'test', hp.image_size, FLAGS.data_dir)
     n = min(FLAGS.n_images, total) if FLAGS.n_images else total
-    result = evaluate(make_eval_step(model, hp, strategy),
+    result = evaluate(make_eval_step(model, hp, strategy, FLAGS.jit_compile),
                       data.eval_dataset(hp, 'test', strategy, FLAGS.data_dir, n), n, 'test')
     excluded = f', {result["nonfinite"]} non-finite excluded' if result['nonfinite'] else ''
     print(f'test {hp.dataset}: {result["elbo"]:.4f} nats/dim = {result["bits_per_dim"]:.4f} '
           f'bits/dim over {result["images"]} images (EMA weights, step {step}'
           f'{excluded})')
     if FLAGS.iw_samples:
-        iw = evaluate(make_iw_eval_step(model, hp, strategy, FLAGS.iw_samples),
+        iw = evaluate(make_iw_eval_step(model, hp, strategy, FLAGS.iw_samples, FLAGS.jit_compile),
                       data.eval_dataset(hp, 'test', strategy, FLAGS.data_dir, n), n, f'IW K={FLAGS.iw_samples}')
         excluded = f', {iw["nonfinite"]} non-finite excluded' if iw['nonfinite'] else ''
         print(f'test {hp.dataset}: importance-weighted bound, K={FLAGS.iw_samples}: {iw["elbo"]:.4f} nats/dim = '
@@ -423,6 +449,7 @@ def run(_):
     hp = hparams.exit_on_error(hparams.from_flags)
     if FLAGS.precision != 'float32':
         keras.config.set_dtype_policy(FLAGS.precision)
+    set_conv_precision(FLAGS.conv_precision)
     try:
         strategy = make_strategy(FLAGS.strategy, FLAGS.tpu)
     except RuntimeError as e:
@@ -452,7 +479,7 @@ def run(_):
     if FLAGS.eval_every:
         with strategy.scope():
             eval_model = vdvae.VDVAE(hp)
-        eval_step = make_eval_step(eval_model, hp, strategy)
+        eval_step = make_eval_step(eval_model, hp, strategy, FLAGS.jit_compile)
     # The input iterator (position and shuffle state) is saved with the model where the
     # strategy allows it; elsewhere (multi-worker) the input restarts at the saved step.
     train_iter = iter(train_data)
@@ -469,7 +496,7 @@ def run(_):
             train_iter = iter(data.train_dataset(hp, strategy, FLAGS.data_dir,
                                                  start_step=int(state.step.numpy())))
     print(f'{vdvae.count_params(state.model):,} parameters, {state.model.num_layers} stochastic layers')
-    train_steps = make_train_loop(state, hp, strategy)
+    train_steps = make_train_loop(state, hp, strategy, FLAGS.jit_compile)
     per_call = FLAGS.steps_per_call or (FLAGS.log_every if isinstance(strategy, tf.distribute.TPUStrategy) else 1)
     events = [e for e in (FLAGS.log_every, FLAGS.save_every, FLAGS.samples_every, FLAGS.eval_every) if e > 0]
     log = Log(logdir) if chief else None
