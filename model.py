@@ -13,6 +13,7 @@ resolution stage keeps all the weights of all its blocks in one variable (ParamS
 once per call, so the cifar10 preset has 21 variables instead of ~2,800.
 """
 import math
+import random
 
 import keras
 import numpy as np
@@ -224,7 +225,11 @@ class ParamStack(keras.layers.Layer):
         self.built = True
 
     def _init(self, shape, dtype=None):
-        parts = [keras.random.uniform((self.n, size), -bound, bound, dtype='float32') if bound
+        # A seed per piece from Python's RNG, as Keras' own initializers take theirs: Keras
+        # before 3.11 does not restart its global generator in set_random_seed, so unseeded
+        # draws would make a second model of one process start from other weights.
+        parts = [keras.random.uniform((self.n, size), -bound, bound, dtype='float32',
+                                      seed=random.randint(1, 10 ** 9)) if bound
                  else tf.zeros((self.n, size)) for (_, _, bound), size in zip(self.pieces, self.sizes)]
         return tf.concat(parts, axis=1)
 
