@@ -7,6 +7,8 @@ library entry point; `from_flags()` is what the scripts call. Both validate, so 
 string that does not parse or a decoder that cannot run fails at start-up, in one line.
 """
 import dataclasses
+import glob
+import os
 import re
 import sys
 import time
@@ -249,6 +251,12 @@ def exit_on_error(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except HParamsError as e:
         fail(e)
+
+
+def tpu_present():
+    """A TPU VM shows its chips as /dev/accel* (v2 to v4) or /dev/vfio/N (v5e on); TPU_NAME
+    names a remote one. (Here, not in train.py, so a notebook can ask before TF is installed.)"""
+    return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*') or os.environ.get('TPU_NAME'))
 
 
 def progress(label, done, total, t0):

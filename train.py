@@ -8,7 +8,6 @@ gradient norm from the all-reduced gradients; clip to `grad_clip`; skip the whol
 loss is not finite on any replica; an EMA of the weights updated only on applied steps.
 """
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -70,17 +69,11 @@ def define_flags():
 # Distribution strategy.
 
 
-def tpu_present():
-    """A TPU VM shows its chips as /dev/accel* (v2 to v4) or /dev/vfio/N (v5e on); TPU_NAME
-    names a remote one."""
-    return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*') or os.environ.get('TPU_NAME'))
-
-
 def make_strategy(name='auto', tpu='local'):
     """auto: the TPU if this machine has one, else all GPUs (Mirrored), else the default
     strategy. A TPU that fails to start (no chips reachable, a TensorFlow wheel without TPU
     kernels, ...) is one line on stderr, then the fallback; --strategy=tpu makes it an error."""
-    if name == 'tpu' or (name == 'auto' and tpu_present()):
+    if name == 'tpu' or (name == 'auto' and hparams.tpu_present()):
         try:
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
             tf.config.experimental_connect_to_cluster(resolver)

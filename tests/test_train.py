@@ -54,6 +54,7 @@ def test_two_replicas_match_one_device_for_the_same_global_batch():
     assert int(two.step.numpy()) == 3 and int(two.optimizer.iterations.numpy()) == 3
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize('fault', ['nan_on_one_replica', 'gradient_spike'])
 def test_a_bad_step_is_skipped_by_every_replica_and_touches_nothing(fault):
     hp = hparams.load('tiny', warmup_iters=1)
@@ -134,6 +135,7 @@ def _weights(ckpt_prefix):
     return {n: reader.get_tensor(n) for n in names}
 
 
+@pytest.mark.smoke
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
     # The straight run makes several updates per call (cut where a log line or save is due).
@@ -288,13 +290,14 @@ def test_a_tpu_that_does_not_start_is_one_line_and_auto_falls_back(tmp_path):
 
 def test_auto_tries_no_tpu_without_a_sign_of_one(monkeypatch, capsys):
     monkeypatch.delenv('TPU_NAME', raising=False)
-    monkeypatch.setattr(train.glob, 'glob', lambda pattern: [])
+    monkeypatch.setattr(hparams.glob, 'glob', lambda pattern: [])
     monkeypatch.setattr(tf.distribute.cluster_resolver, 'TPUClusterResolver', None)   # would fail if called
-    assert not train.tpu_present()
+    assert not hparams.tpu_present()
     assert train.make_strategy('auto') is tf.distribute.get_strategy()
     assert 'strategy:' not in capsys.readouterr().err
 
 
+@pytest.mark.smoke
 def test_n_updates_in_one_call_equal_n_calls_of_one():
     """make_train_loop (several updates per host call, for TPUs): however a run is cut into
     calls, the same updates to the bit; one image NaN makes its step skipped inside a call."""
