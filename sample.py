@@ -12,6 +12,7 @@ the folder (its latest checkpoint) or one ckpt-N prefix inside it.
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -256,9 +257,13 @@ def grid(rows):
 
 
 def save_png(image, path):
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    Image.fromarray(image).save(path + '.tmp.png')
-    os.replace(path + '.tmp.png', path)
+    """Written whole, then renamed (a reader never sees half a file); gs:// paths too."""
+    tf.io.gfile.makedirs(os.path.dirname(path) or '.')
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format='PNG')
+    with tf.io.gfile.GFile(path + '.tmp.png', 'wb') as f:
+        f.write(buffer.getvalue())
+    tf.io.gfile.rename(path + '.tmp.png', path, overwrite=True)
 
 
 def _font(size=12):
@@ -317,6 +322,25 @@ def line_plot(draw, box, xs, ys, title, xlabel, ylabel, xticks, marks=(), ymax=N
     draw.text(((left + right) / 2, top - 22), title, fill='black', font=_font(14), anchor='mb')
     draw.text(((left + right) / 2, bottom + 24), xlabel, fill='black', font=font, anchor='mt')
     draw.text((left, top - 4), ylabel, fill='black', font=font, anchor='lb')
+
+
+def training_curve(log_lines):
+    """log.jsonl's lines -> two panels: training bits/dim per log interval, and validation
+    bits/dim (EMA weights) at each evaluation."""
+    records = [json.loads(line) for line in log_lines if line.strip()]
+    img = Image.new('RGB', (1180, 430), 'white')
+    draw = ImageDraw.Draw(img)
+    for kind, box, title in (('train', (90, 50, 620, 360), 'training (bits/dim at each log line)'),
+                             ('valid', (690, 50, 1150, 360), 'validation (EMA weights)')):
+        points = [(r['step'], r['bits_per_dim']) for r in records
+                  if r.get('kind') == kind and math.isfinite(r.get('bits_per_dim', math.nan))]
+        if not points:
+            draw.text(((box[0] + box[2]) / 2, 200), f'no {kind} values yet', fill='black', font=_font(), anchor='mm')
+            continue
+        steps, bits = zip(*points)
+        ticks = sorted({int(t) for t in np.linspace(min(steps), max(steps), 5)})
+        line_plot(draw, box, steps, bits, title, 'step', 'bits/dim', [(t, t) for t in ticks])
+    return np.asarray(img)
 
 
 def stats_figure(model, bits):

@@ -359,11 +359,18 @@ def copy_ema(state, eval_model):
 
 
 class Log:
-    """One JSON object per line in log.jsonl, the same scalars in TensorBoard."""
+    """One JSON object per line in log.jsonl, the same scalars in TensorBoard, and curve.png."""
 
     def __init__(self, logdir):
-        self.file = tf.io.gfile.GFile(os.path.join(logdir, 'log.jsonl'), 'a')
+        self.path = os.path.join(logdir, 'log.jsonl')
+        self.file = tf.io.gfile.GFile(self.path, 'a')
         self.tb = tf.summary.create_file_writer(os.path.join(logdir, 'tb'))
+
+    def write_curve(self):
+        """<logdir>/curve.png: bits/dim of training and validation so far."""
+        with tf.io.gfile.GFile(self.path) as f:
+            lines = f.readlines()
+        sample.save_png(sample.training_curve(lines), os.path.join(os.path.dirname(self.path), 'curve.png'))
 
     def write(self, step, kind, values):
         self.file.write(json.dumps(dict(step=int(step), kind=kind, **values)) + '\n')
@@ -534,6 +541,8 @@ def run(_):
             print(f'\nvalid at step {step}: {result["elbo"]:.4f} nats/dim, '
                   f'{result["bits_per_dim"]:.4f} bits/dim ({result["images"]} images, '
                   f'{result["nonfinite"]} non-finite)')
+        if log and (step == hp.steps or any(e and step % e == 0 for e in (FLAGS.samples_every, FLAGS.eval_every))):
+            log.write_curve()
     print(f'done: {step} steps, checkpoints in {os.path.join(logdir, "ckpt")}')
 
 
