@@ -194,6 +194,7 @@ def imported(official_data, tmp_path_factory):
     return folder, hp, path, r.stdout
 
 
+@pytest.mark.smoke
 def test_import_writes_a_run_folder_holding_the_official_weights(imported):
     folder, hp, path, stdout = imported
     assert f'350 tensors, {vdvae.count_params(vdvae.VDVAE(hp)):,} parameters' in stdout
@@ -208,6 +209,7 @@ def test_import_writes_a_run_folder_holding_the_official_weights(imported):
         np.testing.assert_array_equal(c.numpy(), a.numpy(), err_msg=a.path)
 
 
+@pytest.mark.smoke
 def test_sample_and_test_eval_load_the_imported_run(imported, tmp_path):
     folder = imported[0]
     r = cli.run('sample.py', f'--ckpt={folder}', '--n=4', f'--out={tmp_path / "s.png"}')
@@ -220,6 +222,7 @@ def test_sample_and_test_eval_load_the_imported_run(imported, tmp_path):
     assert 0 < bits < 8
 
 
+@pytest.mark.smoke
 def test_export_gives_back_the_official_file_bit_for_bit(imported, tmp_path):
     folder, _, path, _ = imported
     out = str(tmp_path / 'exported.th')

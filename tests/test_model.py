@@ -39,6 +39,7 @@ def _batch(hp, n=4, seed=0):
     return ((x - 120.63838) / 64.16736).astype(np.float32), (x / 127.5 - 1.).astype(np.float32)
 
 
+@pytest.mark.smoke
 def test_losses_are_finite_with_finite_gradients_for_every_variable(tiny_model):
     x_in, target = _batch(tiny_model.hp)
     with tf.GradientTape() as tape:
@@ -181,6 +182,7 @@ def test_custom_widths_pad_channels_and_build():
     assert np.all(np.isfinite(m.losses_per_image(x_in, target)['elbo']))
 
 
+@pytest.mark.smoke
 def test_gelu_conv_is_conv_of_the_exact_erf_gelu_with_its_gradients():
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(scale=3., size=(2, 5, 5, 3)), tf.float32)
@@ -198,6 +200,7 @@ def test_gelu_conv_is_conv_of_the_exact_erf_gelu_with_its_gradients():
         np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.smoke
 def test_official_checkpoint_reproduces_the_official_outputs(official_data):
     import convert
     case_dir = os.path.join(official_data, 'official_case')

@@ -43,6 +43,7 @@ def test_load_gives_the_ema_weights_the_hparams_and_the_step(run):
         np.testing.assert_array_equal(v.numpy(), e, err_msg=v.path)
 
 
+@pytest.mark.smoke
 def test_the_cli_writes_a_grid_of_the_requested_shape(run, tmp_path):
     out = str(tmp_path / 'grid.png')
     r = cli.run('sample.py', f'--ckpt={run[0]}', '--temp=0.85', '--n=6', '--nrow=3', f'--out={out}')
@@ -58,6 +59,7 @@ def test_the_cli_writes_a_grid_of_the_requested_shape(run, tmp_path):
     assert rows.shape[0] == 4 * (3 * 17 - 1) and rows.shape[1] > 4 * (4 * 17 - 1)
 
 
+@pytest.mark.smoke
 def test_same_seed_same_images_and_one_graph_per_batch_size(loaded):
     sampler = sample.make_sampler(loaded)
     a = sample.generate(sampler, 6, 1.0, seed=5, batch=4)
