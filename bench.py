@@ -2,6 +2,7 @@
 
     python bench.py --presets=cifar10,imagenet32 --batch=8 --steps=3
     python bench.py --presets=cifar10 --layout=naive     # the baseline it is compared with
+    python bench.py --presets=cifar10 --jit_compile      # the step as one XLA program
 
 The train step is fwd + bwd + AdamW on random data (the model's cost does not depend on the
 pixels). "first step" counts the trace, graph optimisation and the first run together: it is
@@ -37,6 +38,7 @@ flags.DEFINE_boolean('grappler', None, 'Grappler graph optimisation (default: of
 flags.DEFINE_enum('layout', 'stacked', ['stacked', 'naive'],
                   "stacked: this project's model; naive: the same model with one variable per "
                   'conv kernel and bias, TF-op GELU with autodiff and no per-block functions')
+flags.DEFINE_boolean('jit_compile', False, 'compile the train step as one XLA program (as a TPU does)')
 flags.DEFINE_boolean('data', False, 'also time the input pipeline alone (images/s)')
 flags.DEFINE_float('data_seconds', 3., 'seconds to time each input pipeline for')
 FLAGS = flags.FLAGS
@@ -89,7 +91,7 @@ def bench_train_step(hp, batch, steps):
     x_in = tf.constant(rng.normal(size=shape), tf.float32)
     target = tf.constant(rng.integers(0, 256, size=shape) / 127.5 - 1., tf.float32)
 
-    @tf.function(autograph=False)
+    @tf.function(autograph=False, jit_compile=FLAGS.jit_compile or None)
     def step(x_in, target, seed):
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(model.losses_per_image(x_in, target, seed=seed)['elbo'])
@@ -150,7 +152,7 @@ def main(_):
     if FLAGS.layout == 'naive':
         use_naive_layout()
     print(f'tensorflow {tf.__version__}, keras {keras.__version__}, {os.cpu_count()} cpus, '
-          f'layout {FLAGS.layout}, grappler {"on" if grappler else "off"}')
+          f'layout {FLAGS.layout}, grappler {"on" if grappler else "off"}, XLA {"on" if FLAGS.jit_compile else "off"}')
     print(f'{"preset":<11} {"batch":>5} {"vars":>5} {"params":>12} {"build s":>8} {"trace s":>8} '
           f'{"first step s":>12} {"step s":>7} {"img/s":>6}')
     for name in FLAGS.presets:
