@@ -104,6 +104,14 @@ PLANS = {
         extra=tuple(case_flags()) + ('--steps=1', '--eval_every=0', '--samples_every=0'),
         makes=('runs/imagenet32-finetune/ckpt/ckpt-1.index',)),
     # The measurements: the tiny preset, one timed step.
+    # Colab and TPU: the TPU VM's install is .ci/run's second venv (tensorflow-cpu for the TPU wheel).
+    'pip install -r requirements-tpu.txt': 'ci-tpu',
+    'python train.py --hparams=imagenet32 --data_dir=gs://bucket/tfds --steps_per_call=100 --log_every=100 '
+    '--precision=mixed_bfloat16': Plan(
+        replace=(('gs://bucket/tfds', 'tfds'),),
+        error=r'downsampled_imagenet/32x32: not prepared in tfds, and tfds cannot download it: no network'),
+    'python bench.py --presets=cifar10 --jit_compile': Plan(
+        replace=(('--presets=cifar10', '--presets=tiny'),), extra=('--steps=1', '--batch=2')),
     'python bench.py --presets=cifar10,imagenet32': Plan(
         replace=(('--presets=cifar10,imagenet32', '--presets=tiny'),), extra=('--steps=1', '--batch=2')),
 }
@@ -184,9 +192,14 @@ def test_the_readme_installs_and_test_command_are_what_ci_runs():
           if not line.lstrip().startswith('#') for part in line.split('&&')}
     for command in (c for c in PLANS if PLANS[c] == 'ci'):
         assert command in ci, command
+    # The TPU install: the same file, with tensorflow-cpu of the same version for tensorflow-tpu.
+    script = open(os.path.join(cli.ROOT, '.ci', 'run')).read()
+    assert "sed -e 's/^tensorflow-tpu==/tensorflow-cpu==/' -e '/^libtpu==/d' requirements-tpu.txt" in script
+    assert '-m smoke tests' in script
 
 
-@pytest.mark.parametrize('command', [c for c in PLANS if PLANS[c] != 'ci' and c not in MAKERS.values()])
+@pytest.mark.parametrize('command', [c for c in PLANS if PLANS[c] not in ('ci', 'ci-tpu')
+                                     and c not in MAKERS.values()])
 def test_readme_command(command, request, tmp_path):
     # Commands that read no run folder start at once, in an empty folder of their own.
     folder = tmp_path
