@@ -94,6 +94,12 @@ def make_strategy(name='auto', tpu='local'):
     return tf.distribute.get_strategy()
 
 
+def set_conv_precision(precision):
+    """'highest': float32 convolutions in full float32 wherever the hardware would round them
+    (XLA then marks every convolution operand_precision=highest); 'default': the fast mode."""
+    tf.config.experimental.enable_tensor_float_32_execution(precision == 'default')
+
+
 # ---------------------------------------------------------------------------------------
 # Training state: the model, AdamW, the EMA of the weights and the counters. Everything a
 # checkpoint must hold to resume exactly.
@@ -156,12 +162,6 @@ def create_state(hp, strategy, loss_scale=1.):
 
 # ---------------------------------------------------------------------------------------
 # One update.
-
-
-def set_conv_precision(precision):
-    """'highest': float32 convolutions in full float32 wherever the hardware would round them
-    (XLA then marks every convolution operand_precision=highest); 'default': the fast mode."""
-    tf.config.experimental.enable_tensor_float_32_execution(precision == 'default')
 
 
 def _compiled(fn, strategy, jit_compile):
