@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 import tensorflow as tf
 
+import checkpoints
 import data
 import hparams
 import model as vdvae
@@ -82,13 +83,22 @@ def load_run_hparams(ckpt):
 
 
 def checkpoint_path(ckpt, folder):
+    """A run folder: its newest checkpoint that reads back whole (a damaged newer one is
+    named in a warning, and left as it is); a ckpt-N prefix: that one, verified."""
     if tf.io.gfile.isdir(ckpt):
-        latest = tf.train.latest_checkpoint(os.path.join(folder, 'ckpt'))
+        try:
+            latest = checkpoints.newest_good(os.path.join(folder, 'ckpt'), move=False)
+        except checkpoints.CheckpointError as e:
+            hparams.fail(e)
         if latest is None:
-            hparams.fail(f'{ckpt}: no checkpoint in {os.path.join(folder, "ckpt")}')
+            hparams.fail(f'{ckpt}: no readable checkpoint in {os.path.join(folder, "ckpt")}')
         return latest
     if not tf.io.gfile.exists(ckpt + '.index'):
         hparams.fail(f'{ckpt}: no such checkpoint ({ckpt}.index is missing)')
+    try:
+        checkpoints.verify(ckpt)
+    except checkpoints.CheckpointError as e:
+        hparams.fail(e)
     return ckpt
 
 
@@ -103,7 +113,7 @@ def load(ckpt, strategy=None, which='ema'):
     reader = tf.train.Checkpoint(step=step, **{which: {vdvae.checkpoint_key(v): v.value for v in model.weights}})
     try:
         reader.read(path).assert_existing_objects_matched().expect_partial()
-    except (tf.errors.OpError, ValueError, AssertionError) as e:
+    except (*checkpoints.READ_ERRORS, AssertionError) as e:
         hparams.fail(f'{path}: cannot be restored into a {hp.dataset} model of this project '
                      f'({str(e).splitlines()[0][:300]})')
     return model, hp, folder, path, int(step.numpy())

@@ -20,6 +20,7 @@ from absl import flags, logging
 import keras
 import tensorflow as tf
 
+import checkpoints
 import data
 import hparams
 import model as vdvae
@@ -333,11 +334,14 @@ def make_iw_eval_step(model, hp, strategy, samples, jit_compile=False):
     return _eval_function(strategy, replica_iw, jit_compile)
 
 
-def evaluate(eval_step, dataset, total=None, label='eval'):
-    """Average per-image nats/dim over one pass of `dataset`; bits/dim alongside."""
+def evaluate(eval_step, dataset, total=None, label='eval', stop=None):
+    """Average per-image nats/dim over one pass of `dataset`; bits/dim alongside. None if
+    stop() turns true before the pass ends (a preempted run abandons its evaluation)."""
     sums, t0 = {}, time.time()
     with data.clear_errors():
         for i, batch in enumerate(dataset):
+            if stop and stop():
+                return None
             for k, v in eval_step(*batch).items():
                 sums[k] = sums.get(k, 0.) + float(v)
             if total:
@@ -426,6 +430,17 @@ def test_eval(strategy):
     return result
 
 
+def stop_requested(strategy, preemption):
+    """Whether to save and stop now. Under multi-worker training a signal to any worker stops
+    them all at the same step (one all-reduce per call)."""
+    local = preemption.requested is not None
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return local
+    flag = strategy.run(lambda: tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.constant(float(local))))
+    return float(strategy.experimental_local_results(flag)[0]) > 0
+
+
 def is_chief(strategy):
     """The worker that writes logs, samples and the kept checkpoints (task 0 / 'chief')."""
     resolver = getattr(strategy, 'cluster_resolver', None)
@@ -487,10 +502,18 @@ def run(_):
     ckpt = state.checkpoint(data=train_iter) if saved_iter else state.checkpoint()
     # Every worker saves (collectives need all of them); others keep one copy in .worker-N.
     ckpt_dir = os.path.join(logdir, 'ckpt' if chief else f'.worker-{strategy.cluster_resolver.task_id}')
+    # The newest checkpoint that reads back whole and finite; damaged newer ones are moved
+    # aside (by the chief) with a warning line.
+    try:
+        latest = checkpoints.newest_good(os.path.join(logdir, 'ckpt'), move=chief)
+    except checkpoints.CheckpointError as e:
+        hparams.fail(f'{e}; nothing was moved: mend or move these files, or use another --logdir')
     manager = tf.train.CheckpointManager(ckpt, ckpt_dir, FLAGS.keep_checkpoints if chief else 1)
-    latest = tf.train.latest_checkpoint(os.path.join(logdir, 'ckpt'))
     if latest:
-        ckpt.restore(latest)
+        try:
+            ckpt.restore(latest)       # an imported official checkpoint has no optimizer or input state
+        except checkpoints.READ_ERRORS as e:
+            hparams.fail(f'{latest}: cannot be restored into this run ({data._first_line(e)[:300]})')
         print(f'resumed from {latest} at step {int(state.step.numpy())}')
         if not saved_iter:
             train_iter = iter(data.train_dataset(hp, strategy, FLAGS.data_dir,
@@ -505,9 +528,29 @@ def run(_):
     preview = data.load_split(hp.dataset, 'valid', hp.image_size, FLAGS.data_dir)
     preview = data.preprocess(next(iter(preview.shard(max(n_valid // 8, 1), 0).batch(8))), hp)
 
+    saved = {}
+
+    def save():
+        try:
+            saved[step] = checkpoints.save(manager, state, step)
+        except checkpoints.CheckpointError as e:
+            hparams.fail(e)
+        return saved[step]
+
+    # SIGTERM / SIGINT: the call under way ends, then a checkpoint and the end (an evaluation
+    # under way is abandoned, except under multi-worker training, where all workers must
+    # finish it together).
+    preemption = checkpoints.Preemption()
+    multiworker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    stopping = lambda: preemption.requested is not None and not multiworker
     step, t0, t_log = int(state.step.numpy()), time.time(), time.time()
     start = step
     while step < hp.steps:
+        if stop_requested(strategy, preemption):
+            path = saved.get(step) or save()
+            print(f'\n{preemption.requested or "a signal to another worker"}: stopped at step {step} '
+                  f'with a checkpoint ({path}); the same command resumes')
+            return
         n = min([per_call, hp.steps - step] + [e - step % e for e in events])
         with data.clear_errors():
             out = train_steps(train_iter, tf.constant(n))
@@ -524,18 +567,20 @@ def run(_):
                      f'|g| {values["grad_norm"]:.1f} skipped {values["skipped_total"]}',
                      step - start, hp.steps - start, t0)
         if int(state.skips_in_a_row.numpy()) > FLAGS.max_skips_in_a_row:
-            manager.save(checkpoint_number=step)
+            save()       # skipped updates changed nothing: this is the last good state
             hparams.fail(f'{int(state.skips_in_a_row.numpy())} updates in a row were skipped (gradient '
                          f'norm >= skip_threshold={hp.skip_threshold} or non-finite loss): training '
                          'has stalled. Raise --skip_threshold or lower --lr and restart to resume.')
         if step % FLAGS.save_every == 0 or step == hp.steps:
-            manager.save(checkpoint_number=step)
+            save()
         if chief and FLAGS.samples_every and (step % FLAGS.samples_every == 0 or step == hp.steps):
             sample.save_png(sample.sample_grid(state.model, *preview, seed=step),
                      os.path.join(logdir, 'samples', f'step-{step:08d}.png'))
         if FLAGS.eval_every and (step % FLAGS.eval_every == 0 or step == hp.steps):
             copy_ema(state, eval_model)
-            result = evaluate(eval_step, data.eval_dataset(hp, 'valid', strategy, FLAGS.data_dir))
+            result = evaluate(eval_step, data.eval_dataset(hp, 'valid', strategy, FLAGS.data_dir), stop=stopping)
+            if result is None:
+                continue         # preempted: the top of the loop saves and stops
             if log:
                 log.write(step, 'valid', result)
             print(f'\nvalid at step {step}: {result["elbo"]:.4f} nats/dim, '

@@ -1,0 +1,132 @@
+"""Checkpoints a week-long run can trust: every resume verifies what it loads, and a damaged
+newest checkpoint costs the steps since the one before it, not the run.
+
+- `newest_good(ckpt_dir)`: the newest checkpoint whose every tensor reads back with its checksum
+  (TF's bundle stores a CRC32C per tensor) and whose floating-point tensors are finite. A bad
+  one (truncated, zeroed, half deleted, non-finite) is named in one warning line and moved
+  aside to ckpt_dir/corrupt/ for inspection, never deleted; the one before it is tried next.
+- `save(manager, state, step)`: refuses to write non-finite weights, EMA or optimizer state.
+- `Preemption`: SIGTERM / SIGINT (TPU VMs, Colab, SLURM, Ctrl-C) ask the training loop to save
+  and stop once the call under way ends.
+"""
+import os
+import re
+import signal
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+# What TF raises on a damaged bundle: DataLossError (checksum), NotFoundError (missing file),
+# IndexError (a truncated data file), OpError in general.
+READ_ERRORS = (tf.errors.OpError, IndexError, ValueError)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be trusted; the message says which and why."""
+
+
+def _number(prefix):
+    m = re.search(r'ckpt-(\d+)$', prefix)
+    return int(m.group(1)) if m else -1
+
+
+def prefixes(ckpt_dir):
+    """ckpt-N prefixes in ckpt_dir that have any file (index or data), newest first."""
+    found = set()
+    for path in tf.io.gfile.glob(os.path.join(ckpt_dir, 'ckpt-*')):
+        m = re.match(r'(.*ckpt-\d+)\.(index|data-\d+-of-\d+)$', path)
+        if m:
+            found.add(m.group(1))
+    return sorted(found, key=_number, reverse=True)
+
+
+def verify(prefix):
+    """Read every tensor of the checkpoint back (checksums checked) and check that every
+    floating-point one is finite; raise CheckpointError naming the first fault."""
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for name, dtype in sorted(reader.get_variable_to_dtype_map().items()):
+            if dtype == tf.variant:       # the input iterator's state: checked when restored
+                continue
+            value = reader.get_tensor(name)
+            if dtype.is_floating and not np.all(np.isfinite(value)):
+                raise CheckpointError(f'{prefix}: {name} holds non-finite values')
+    except READ_ERRORS as e:
+        raise CheckpointError(f'{prefix}: cannot be read ({type(e).__name__}: '
+                              f'{str(e).strip().splitlines()[0][:200]})') from None
+
+
+def move_aside(prefix):
+    """Move every file of a bad checkpoint to <ckpt_dir>/corrupt/, so that its number is free
+    again and nothing is lost."""
+    folder = os.path.join(os.path.dirname(prefix), 'corrupt')
+    tf.io.gfile.makedirs(folder)
+    for path in tf.io.gfile.glob(prefix + '.*'):
+        tf.io.gfile.rename(path, os.path.join(folder, os.path.basename(path)), overwrite=True)
+    return folder
+
+
+def newest_good(ckpt_dir, move=True):
+    """The newest checkpoint in ckpt_dir that verifies (None in a folder without any). Each bad
+    newer one costs one warning line on stderr and is moved aside (move=False: left in place,
+    for readers and for the workers that only read the chief's folder). If none verifies,
+    CheckpointError, and nothing is moved."""
+    bad = []
+    for prefix in prefixes(ckpt_dir):
+        try:
+            verify(prefix)
+        except CheckpointError as e:
+            bad.append((prefix, e))
+            continue
+        for prefix_bad, e in bad:
+            where = f'moved to {move_aside(prefix_bad)}/' if move else 'left in place'
+            print(f'warning: {e}; {where}; using {os.path.basename(prefix)}', file=sys.stderr, flush=True)
+        return prefix
+    if bad:
+        raise CheckpointError(f'no checkpoint in {ckpt_dir} reads back whole: {bad[0][1]}' +
+                              (f' (and {len(bad) - 1} older ones)' if len(bad) > 1 else ''))
+    return None
+
+
+def nonfinite(state):
+    """Names of the weights, EMA or optimizer variables that hold a NaN or an infinity."""
+    groups = (('weights', state.model.weights), ('ema', state.ema), ('optimizer', state.optimizer.variables))
+    def finite(v):
+        t = tf.convert_to_tensor(v)
+        return not t.dtype.is_floating or bool(tf.reduce_all(tf.math.is_finite(t)))
+    return [f'{group}/{getattr(v, "path", v.name)}' for group, variables in groups for v in variables
+            if not finite(v)]
+
+
+def save(manager, state, step):
+    """manager.save(step) unless some state is non-finite: then CheckpointError, and the
+    checkpoints already written stay as they are."""
+    bad = nonfinite(state)
+    if bad:
+        latest = manager.latest_checkpoint or 'none yet'
+        raise CheckpointError(f'not saving step {step}: {len(bad)} variables hold non-finite values '
+                              f'({", ".join(bad[:3])}); the last good checkpoint is {latest}')
+    return manager.save(checkpoint_number=step)
+
+
+class Preemption:
+    """After SIGTERM or SIGINT, `requested` is the signal's name: the loop saves and stops at the
+    end of its current call. A second signal stops at once, as without this handler."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.requested = None
+        self.previous = {s: signal.signal(s, self._handle) for s in signals}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.requested = signal.Signals(signum).name
+        print(f'\n{self.requested}: saving a checkpoint at the end of this call, then stopping '
+              '(send it again to stop at once)', file=sys.stderr, flush=True)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,197 @@
+"""Fault tolerance: damaged checkpoints, non-finite state, preemption by a signal. Every fault
+is made for real (bytes truncated or zeroed, files deleted, a signal sent to the process)
+and the run is judged by what it leaves: which checkpoint it resumed from, what it moved
+aside, and the weights it ends with."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import checkpoints
+import cli
+import hparams
+import train
+from test_train import _weights
+
+RUN = ('--hparams=tiny', '--eval_every=0', '--samples_every=0', '--log_every=1')
+
+
+def _train(logdir, *args, timeout=600):
+    return cli.run('train.py', *RUN, f'--logdir={logdir}', *args, timeout=timeout)
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+    """An uninterrupted 6-step run, checkpoints every 2 steps: what every faulted run must end as."""
+    logdir = str(tmp_path_factory.mktemp('straight') / 'run')
+    r = _train(logdir, '--steps=6', '--save_every=2', '--keep_checkpoints=5')
+    assert r.returncode == 0, r.stderr[-2000:]
+    return logdir
+
+
+def _damage(prefix, how):
+    data = tf.io.gfile.glob(prefix + '.data-*')[0]
+    if how == 'truncated':
+        with open(data, 'r+b') as f:
+            f.truncate(os.path.getsize(data) // 2)
+    elif how == 'zeroed':
+        size = os.path.getsize(data)
+        with open(data, 'wb') as f:
+            f.write(bytes(size))
+    elif how == 'index deleted':
+        os.remove(prefix + '.index')
+    elif how == 'data deleted':
+        os.remove(data)
+
+
+@pytest.mark.parametrize('how', ['truncated', 'zeroed', 'index deleted', 'data deleted'])
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_before_it(straight, tmp_path, how):
+    logdir = str(tmp_path / 'run')
+    shutil.copytree(straight, logdir)
+    for n in (6,):                       # the run ended at 6; go back to a folder that stopped at 4
+        for f in tf.io.gfile.glob(f'{logdir}/ckpt/ckpt-{n}.*'):
+            os.remove(f)
+    original = {f: open(f, 'rb').read() for f in tf.io.gfile.glob(f'{logdir}/ckpt/ckpt-4.*')}
+    _damage(f'{logdir}/ckpt/ckpt-4', how)
+    damaged = {f: open(f, 'rb').read() for f in tf.io.gfile.glob(f'{logdir}/ckpt/ckpt-4.*')}
+    r = _train(logdir, '--steps=6', '--save_every=2', '--keep_checkpoints=5')
+    assert r.returncode == 0, r.stderr[-2000:]
+    warnings = [l for l in r.stderr.splitlines() if l.startswith('warning:')]
+    assert len(warnings) == 1 and 'ckpt-4' in warnings[0], r.stderr[-2000:]
+    assert 'resumed from' in r.stdout and 'ckpt-2 at step 2' in r.stdout
+    # The bad checkpoint is kept, byte for byte, in ckpt/corrupt/; the good ones are all there.
+    for f, content in damaged.items():
+        assert open(os.path.join(logdir, 'ckpt', 'corrupt', os.path.basename(f)), 'rb').read() == content
+    assert os.path.isfile(f'{logdir}/ckpt/ckpt-2.index') and len(original) == 2
+    # Resume is exact: the same weights, EMA and optimizer state as the uninterrupted run.
+    a, b = _weights(f'{straight}/ckpt/ckpt-6'), _weights(f'{logdir}/ckpt/ckpt-6')
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_a_folder_whose_every_checkpoint_is_damaged_is_an_error_and_nothing_moves(straight, tmp_path):
+    logdir = str(tmp_path / 'run')
+    shutil.copytree(straight, logdir)
+    for n in (2, 4, 6):
+        _damage(f'{logdir}/ckpt/ckpt-{n}', 'zeroed')
+    before = sorted(os.listdir(f'{logdir}/ckpt'))
+    line = cli.error_line(_train(logdir, '--steps=8'))
+    assert 'no checkpoint in' in line and 'ckpt-6' in line and '2 older ones' in line, line
+    assert sorted(os.listdir(f'{logdir}/ckpt')) == before       # no fresh start over them either
+
+
+def test_an_explicit_corrupt_checkpoint_is_one_error_line_for_every_script(straight, tmp_path):
+    logdir = str(tmp_path / 'run')
+    shutil.copytree(straight, logdir)
+    _damage(f'{logdir}/ckpt/ckpt-6', 'truncated')
+    bad = f'{logdir}/ckpt/ckpt-6'
+    before = {f: open(f, 'rb').read() for f in tf.io.gfile.glob(f'{logdir}/ckpt/*')}
+    for script, args in (('train.py', ['--test_eval', f'--ckpt={bad}']), ('sample.py', [f'--ckpt={bad}']),
+                         ('convert.py', ['--export', f'--ckpt={bad}', f'--out={tmp_path / "x.th"}'])):
+        line = cli.error_line(cli.run(script, *args))
+        assert 'ckpt-6' in line and 'cannot be read' in line, (script, line)
+    assert not os.path.exists(tmp_path / 'x.th')
+    # Not a checkpoint at all, and a checkpoint of another preset.
+    line = cli.error_line(cli.run('sample.py', f'--ckpt={tmp_path / "nothing"}'))
+    assert 'nothing' in line
+    line = cli.error_line(cli.run('sample.py', f'--ckpt={logdir}', '--hparams=demo'))
+    assert 'demo' in line
+    # A run folder reads its newest good checkpoint, says so, and changes nothing.
+    r = cli.run('sample.py', f'--ckpt={logdir}', '--n=2', f'--out={tmp_path / "s.png"}')
+    assert r.returncode == 0 and 'ckpt-6' in r.stderr and 'ckpt-4' in r.stdout, r.stderr[-2000:]
+    assert {f: open(f, 'rb').read() for f in tf.io.gfile.glob(f'{logdir}/ckpt/*')} == before
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+    hp = hparams.load('tiny')
+    strategy = tf.distribute.get_strategy()
+    state = train.create_state(hp, strategy)
+    manager = tf.train.CheckpointManager(state.checkpoint(), str(tmp_path), 3)
+    assert checkpoints.save(manager, state, 1).endswith('ckpt-1')
+    weights = state.model.weights[3]
+    weights.assign(tf.tensor_scatter_nd_update(weights, [[0, 0]], [np.inf]))
+    with pytest.raises(checkpoints.CheckpointError, match=r'not saving step 2: 1 variables .*'
+                       + weights.path.split('/')[0] + r'.*last good checkpoint is .*ckpt-1'):
+        checkpoints.save(manager, state, 2)
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint', 'ckpt-1.data-00000-of-00001', 'ckpt-1.index']
+    checkpoints.verify(str(tmp_path / 'ckpt-1'))          # the good one is still good
+
+
+@pytest.fixture(scope='module')
+def straight30(tmp_path_factory):
+    logdir = str(tmp_path_factory.mktemp('straight30') / 'run')
+    r = _train(logdir, '--steps=30', '--save_every=100', '--log_every=10')
+    assert r.returncode == 0, r.stderr[-2000:]
+    return logdir
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_and_stops_and_the_same_command_resumes_exactly(straight30, tmp_path, sig):
+    """The signal comes during training (after the first log line); the run finishes its call,
+    saves, says so in one line and exits 0; the same command resumes to the weights of an
+    uninterrupted run."""
+    logdir = str(tmp_path / 'run')
+    args = [sys.executable, os.path.join(cli.ROOT, 'train.py'), *RUN, f'--logdir={logdir}', '--steps=30',
+            '--save_every=100', '--log_every=1']
+    proc = subprocess.Popen(args, cwd=cli.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    # Wait for the first log line (training is under way), then signal.
+    t0 = time.time()
+    while not os.path.exists(f'{logdir}/log.jsonl') or not open(f'{logdir}/log.jsonl').read():
+        assert proc.poll() is None and time.time() - t0 < 300, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    stopped = [l for l in out.splitlines() if 'stopped at step' in l]
+    assert len(stopped) == 1 and signal.Signals(sig).name in stopped[0], out
+    step = int(stopped[0].split('stopped at step ')[1].split()[0])
+    assert 1 <= step < 30 and os.path.isfile(f'{logdir}/ckpt/ckpt-{step}.index')
+    r = cli.run('train.py', *args[2:], timeout=600)
+    assert r.returncode == 0 and f'at step {step}' in r.stdout, r.stderr[-2000:]
+    a, b = _weights(f'{straight30}/ckpt/ckpt-30'), _weights(f'{logdir}/ckpt/ckpt-30')
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_under_multi_worker_training_a_signal_to_one_worker_stops_both_at_one_step(tmp_path):
+    """Two workers on localhost; SIGTERM to the second only. Both save and stop at the same
+    step (the stop request is all-reduced each call), and the same commands resume both."""
+    import json
+    from test_train import _free_port
+    workers = [f'127.0.0.1:{_free_port()}', f'127.0.0.1:{_free_port()}']
+    logdir = str(tmp_path / 'run')
+    args = [sys.executable, os.path.join(cli.ROOT, 'train.py'), *RUN, '--batch_size=4', '--strategy=multiworker',
+            f'--logdir={logdir}', '--steps=20', '--save_every=100']
+
+    def start():
+        return [subprocess.Popen(args, cwd=cli.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', TF_CONFIG=json.dumps(
+                                     {'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': i}})))
+                for i in range(2)]
+
+    procs, t0 = start(), time.time()
+    while not os.path.exists(f'{logdir}/log.jsonl') or not open(f'{logdir}/log.jsonl').read():
+        assert all(p.poll() is None for p in procs) and time.time() - t0 < 300, procs[0].communicate()
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    stops = [[l for l in out.splitlines() if 'stopped at step' in l] for out, _ in outs]
+    assert 'a signal to another worker' in stops[0][0] and 'SIGTERM' in stops[1][0], stops
+    steps = {int(s[0].split('stopped at step ')[1].split()[0]) for s in stops}
+    assert len(steps) == 1 and 1 <= min(steps) < 20, stops
+    step = steps.pop()
+    assert os.path.isfile(f'{logdir}/ckpt/ckpt-{step}.index')
+    procs = start()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    for out, _ in outs:
+        assert f'at step {step}' in out and 'done: 20 steps' in out, out[-2000:]
