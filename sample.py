@@ -335,7 +335,7 @@ def line_plot(draw, box, xs, ys, title, xlabel, ylabel, xticks, marks=(), ymax=N
 
 
 def training_curve(log_lines):
-    """log.jsonl's lines -> two panels: training bits/dim per log interval, and validation
+    """log.jsonl's lines -> two panels: training bits/dim at each log line, and validation
     bits/dim (EMA weights) at each evaluation."""
     records = [json.loads(line) for line in log_lines if line.strip()]
     img = Image.new('RGB', (1180, 430), 'white')

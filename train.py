@@ -528,14 +528,16 @@ def run(_):
     preview = data.load_split(hp.dataset, 'valid', hp.image_size, FLAGS.data_dir)
     preview = data.preprocess(next(iter(preview.shard(max(n_valid // 8, 1), 0).batch(8))), hp)
 
-    saved = {}
+    saved = {}                  # the last save: {step: path}
 
     def save():
         try:
-            saved[step] = checkpoints.save(manager, state, step)
+            path = checkpoints.save(manager, state, step)
         except checkpoints.CheckpointError as e:
             hparams.fail(e)
-        return saved[step]
+        saved.clear()
+        saved[step] = path
+        return path
 
     # SIGTERM / SIGINT: the call under way ends, then a checkpoint and the end (an evaluation
     # under way is abandoned, except under multi-worker training, where all workers must

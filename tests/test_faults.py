@@ -26,13 +26,18 @@ def _train(logdir, *args, timeout=600):
     return cli.run('train.py', *RUN, f'--logdir={logdir}', *args, timeout=timeout)
 
 
-@pytest.fixture(scope='module')
-def straight(tmp_path_factory):
-    """An uninterrupted 6-step run, checkpoints every 2 steps: what every faulted run must end as."""
-    logdir = str(tmp_path_factory.mktemp('straight') / 'run')
-    r = _train(logdir, '--steps=6', '--save_every=2', '--keep_checkpoints=5')
+def _uninterrupted(tmp_path_factory, *args):
+    """The run folder of an uninterrupted run: what a faulted run with these flags must end as."""
+    logdir = str(tmp_path_factory.mktemp('uninterrupted') / 'run')
+    r = _train(logdir, *args)
     assert r.returncode == 0, r.stderr[-2000:]
     return logdir
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+    """6 steps, checkpoints every 2."""
+    return _uninterrupted(tmp_path_factory, '--steps=6', '--save_every=2', '--keep_checkpoints=5')
 
 
 def _damage(prefix, how):
@@ -126,10 +131,7 @@ def test_non_finite_state_is_never_saved(tmp_path):
 
 @pytest.fixture(scope='module')
 def straight30(tmp_path_factory):
-    logdir = str(tmp_path_factory.mktemp('straight30') / 'run')
-    r = _train(logdir, '--steps=30', '--save_every=100', '--log_every=10')
-    assert r.returncode == 0, r.stderr[-2000:]
-    return logdir
+    return _uninterrupted(tmp_path_factory, '--steps=30', '--save_every=100', '--log_every=10')
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
@@ -202,10 +204,7 @@ KILL_RUN = ('--steps=60', '--save_every=3', '--eval_every=10', '--keep_checkpoin
 
 @pytest.fixture(scope='module')
 def straight60(tmp_path_factory):
-    logdir = str(tmp_path_factory.mktemp('straight60') / 'run')
-    r = _train(logdir, *KILL_RUN)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return logdir
+    return _uninterrupted(tmp_path_factory, *KILL_RUN)
 
 
 def _newest_complete(ckpt_dir):
