@@ -129,6 +129,39 @@ def test_non_finite_state_is_never_saved(tmp_path):
     checkpoints.verify(str(tmp_path / 'ckpt-1'))          # the good one is still good
 
 
+@pytest.mark.parametrize('storm', ['nan_on_one_replica', 'inf_on_all'])
+def test_a_storm_of_non_finite_steps_is_skipped_and_training_recovers(storm):
+    """Two replicas, 12 updates in calls of 3; updates 4 to 9 see a NaN image on the second
+    replica only, or infinite images on both. All six are skipped and counted (the stall
+    guard's count comes back to 0 after them), the rest apply, and the weights end finite and
+    trained on."""
+    import keras
+    from test_train import _batch, _mirrored
+    hp = hparams.load('tiny', warmup_iters=1)
+    strategy = _mirrored()
+    keras.utils.set_random_seed(0)
+    state = train.create_state(hp, strategy)
+    loop = train.make_train_loop(state, hp, strategy)
+    batches = [_batch(seed=i) for i in range(12)]
+    for x_in, _ in batches[3:9]:
+        if storm == 'nan_on_one_replica':
+            x_in[5] = np.nan                       # image 5 lives on the second replica
+        else:
+            x_in[:] = np.inf
+    x, t = (np.concatenate(parts) for parts in zip(*batches))
+    it = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, t)).batch(8)))
+    initial = [v.numpy() for v in state.model.weights]
+    skipped, in_a_row = [], []
+    for _ in range(4):
+        skipped.append(float(loop(it, tf.constant(3))['skipped']))
+        in_a_row.append(int(state.skips_in_a_row.numpy()))
+    assert skipped == [0, 3, 3, 0] and in_a_row == [0, 3, 6, 0]
+    assert int(state.skipped.numpy()) == 6 and int(state.optimizer.iterations.numpy()) == 6
+    assert checkpoints.nonfinite(state) == []
+    assert all(not np.array_equal(a, v.numpy()) for a, v in zip(initial, state.model.weights)
+               if np.any(a))                      # every non-zero weight kept training
+
+
 @pytest.fixture(scope='module')
 def straight30(tmp_path_factory):
     return _uninterrupted(tmp_path_factory, '--steps=30', '--save_every=100', '--log_every=10')
