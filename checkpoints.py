@@ -57,6 +57,13 @@ def verify(prefix):
                               f'{str(e).strip().splitlines()[0][:200]})') from None
 
 
+def reason(e):
+    """What an I/O error says, without TF's op and function decorations."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r'^\{\{[^}]*\}\}\s*|\s*\[Op:\w+\]$', '', text)
+    return text.rsplit('; ', 1)[-1]
+
+
 def move_aside(prefix):
     """Move every file of a bad checkpoint to <ckpt_dir>/corrupt/, so that its number is free
     again and nothing is lost."""

@@ -267,9 +267,13 @@ def progress(label, done, total, t0):
     end = '\n' if done >= total else ''
     print(f'\r{label} [{bar:<30}] {int(done)}/{int(total)} {rate:.1f}/s eta {eta / 60:.1f} min',
           end=end, file=sys.stderr, flush=True)
+    _line_open[0] = not end
+
+
+_line_open = [False]      # a progress line waits for its end: an error starts on a line of its own
 
 
 def fail(message):
     """The one-line error our scripts end with: no traceback, exit status 2."""
-    print(f'error: {message}', file=sys.stderr)
+    print(f'{chr(10) if _line_open[0] else ""}error: {message}', file=sys.stderr)
     sys.exit(2)

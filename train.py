@@ -377,8 +377,11 @@ class Log:
         sample.save_png(sample.training_curve(lines), os.path.join(os.path.dirname(self.path), 'curve.png'))
 
     def write(self, step, kind, values):
-        self.file.write(json.dumps(dict(step=int(step), kind=kind, **values)) + '\n')
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(dict(step=int(step), kind=kind, **values)) + '\n')
+            self.file.flush()
+        except (tf.errors.OpError, OSError) as e:      # a full disk: stop, in one line
+            hparams.fail(f'{self.path}: cannot write the log ({checkpoints.reason(e)})')
         with self.tb.as_default(step=int(step)):
             for k, v in values.items():
                 tf.summary.scalar(f'{kind}/{k}', v)
@@ -535,6 +538,9 @@ def run(_):
             path = checkpoints.save(manager, state, step)
         except checkpoints.CheckpointError as e:
             hparams.fail(e)
+        except (tf.errors.OpError, OSError) as e:      # a full disk, a folder we may not write
+            hparams.fail(f'{ckpt_dir}: cannot write checkpoint {step} ({checkpoints.reason(e)}); '
+                         f'the last complete one ({manager.latest_checkpoint or "none yet"}) is as it was')
         saved.clear()
         saved[step] = path
         return path

@@ -308,3 +308,21 @@ def test_kill_9_at_random_moments_loses_no_save_and_ends_bit_identical(straight6
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_a_full_disk_stops_in_one_line_and_leaves_the_last_checkpoint_loadable(tmp_path):
+    """The run folder on a 3 MB tmpfs (mounted by the test; skipped where mounting is not
+    allowed): each tiny checkpoint is 1.3 MB, so the third save finds the disk full."""
+    folder = tmp_path / 'disk'
+    folder.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', str(folder)],
+                      capture_output=True).returncode:
+        pytest.skip('cannot mount a tmpfs here (needs root)')
+    try:
+        logdir = str(folder / 'run')
+        line = cli.error_line(_train(logdir, '--steps=10', '--save_every=1'))
+        assert 'ckpt: cannot write checkpoint 3' in line and 'No space left on device' in line, line
+        assert 'the last complete one' in line and 'ckpt-2' in line, line
+        checkpoints.verify(f'{logdir}/ckpt/ckpt-2')
+    finally:
+        subprocess.run(['umount', str(folder)])
