@@ -53,8 +53,7 @@ def verify(prefix):
             if dtype.is_floating and not np.all(np.isfinite(value)):
                 raise CheckpointError(f'{prefix}: {name} holds non-finite values')
     except READ_ERRORS as e:
-        raise CheckpointError(f'{prefix}: cannot be read ({type(e).__name__}: '
-                              f'{str(e).strip().splitlines()[0][:200]})') from None
+        raise CheckpointError(f'{prefix}: cannot be read ({type(e).__name__}: {reason(e)[:200]})') from None
 
 
 def reason(e):
