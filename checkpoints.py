@@ -6,9 +6,12 @@ newest checkpoint costs the steps since the one before it, not the run.
   one (truncated, zeroed, half deleted, non-finite) is named in one warning line and moved
   aside to ckpt_dir/corrupt/ for inspection, never deleted; the one before it is tried next.
 - `save(manager, state, step)`: refuses to write non-finite weights, EMA or optimizer state.
+- `writing(path, what)`: a write that fails (a full disk, a read-only folder) ends the run in
+  one line naming the path, with no traceback.
 - `Preemption`: SIGTERM / SIGINT (TPU VMs, Colab, SLURM, Ctrl-C) ask the training loop to save
   and stop once the call under way ends.
 """
+import contextlib
 import os
 import re
 import signal
@@ -16,6 +19,8 @@ import sys
 
 import numpy as np
 import tensorflow as tf
+
+import hparams
 
 # What TF raises on a damaged bundle: DataLossError (checksum), NotFoundError (missing file),
 # IndexError (a truncated data file), OpError in general.
@@ -54,6 +59,17 @@ def verify(prefix):
                 raise CheckpointError(f'{prefix}: {name} holds non-finite values')
     except READ_ERRORS as e:
         raise CheckpointError(f'{prefix}: cannot be read ({type(e).__name__}: {reason(e)[:200]})') from None
+
+
+@contextlib.contextmanager
+def writing(path, what, then=''):
+    """Writes of `what` to `path` inside: if one fails (no space left, a read-only file
+    system, no permission), stop in one line naming the path and why, followed by `then` (what
+    is left as it was)."""
+    try:
+        yield
+    except (tf.errors.OpError, OSError) as e:
+        hparams.fail(f'{path}: cannot write {what} ({reason(e)}){then}')
 
 
 def reason(e):

@@ -26,6 +26,7 @@ from absl import flags, logging
 import numpy as np
 import tensorflow as tf
 
+import checkpoints
 import hparams
 from hparams import parse_blocks
 import model as vdvae
@@ -181,21 +182,26 @@ def write_state_dict(state_dict, path):
     arrays = {k: np.ascontiguousarray(v, np.dtype(v.dtype).newbyteorder('<')) for k, v in state_dict.items()}
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as f, zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as archive:
-        def record(name, data):
-            info = zipfile.ZipInfo(f'archive/{name}', date_time=(1980, 1, 1, 0, 0, 0))
-            # Pad the local header so the record starts on 64 bytes, as torch does: a
-            # torch.load(mmap=True) then hands out aligned tensors.
-            pad = -(f.tell() + 30 + len(info.filename) + 4) % 64
-            info.extra = b'FB' + struct.pack('<H', pad) + b'Z' * pad
-            archive.writestr(info, data)
+    try:
+        with open(tmp, 'wb') as f, zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as archive:
+            def record(name, data):
+                info = zipfile.ZipInfo(f'archive/{name}', date_time=(1980, 1, 1, 0, 0, 0))
+                # Pad the local header so the record starts on 64 bytes, as torch does: a
+                # torch.load(mmap=True) then hands out aligned tensors.
+                pad = -(f.tell() + 30 + len(info.filename) + 4) % 64
+                info.extra = b'FB' + struct.pack('<H', pad) + b'Z' * pad
+                archive.writestr(info, data)
 
-        record('data.pkl', _pickle_state_dict(arrays))
-        record('byteorder', b'little')
-        for i, a in enumerate(arrays.values()):
-            record(f'data/{i}', a.tobytes())
-        record('version', b'3\n')
-    os.replace(tmp, path)
+            record('data.pkl', _pickle_state_dict(arrays))
+            record('byteorder', b'little')
+            for i, a in enumerate(arrays.values()):
+                record(f'data/{i}', a.tobytes())
+            record('version', b'3\n')
+        os.replace(tmp, path)
+    except BaseException:         # a full disk: no half-written file is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # ---------------------------------------------------------------------------------------
@@ -330,7 +336,8 @@ def import_run(hp, out, ema_path, model_path=None):
         _load_file(state.model, model_path)
     train.check_run_folder(out, hp)     # after loading: a checkpoint that does not fit leaves no folder
     manager = tf.train.CheckpointManager(state.checkpoint(), ckpt_dir, 1)
-    return manager.save(checkpoint_number=0), tensors, vdvae.count_params(state.model)
+    with checkpoints.writing(ckpt_dir, 'the checkpoint'):
+        return manager.save(checkpoint_number=0), tensors, vdvae.count_params(state.model)
 
 
 # ---------------------------------------------------------------------------------------
@@ -366,7 +373,8 @@ def export_main():
     if FLAGS.hparams:
         sample.check_preset(hp, FLAGS.hparams)
     state_dict = export_official(model)
-    write_state_dict(state_dict, FLAGS.out)
+    with checkpoints.writing(FLAGS.out, 'the checkpoint', '; nothing was written'):
+        write_state_dict(state_dict, FLAGS.out)
     print(f'{path} ({FLAGS.weights} weights, step {step}): {len(state_dict)} tensors, '
           f'{vdvae.count_params(model):,} parameters\nwrote {FLAGS.out} (torch.load reads it)')
 

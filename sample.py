@@ -271,9 +271,20 @@ def save_png(image, path):
     tf.io.gfile.makedirs(os.path.dirname(path) or '.')
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format='PNG')
-    with tf.io.gfile.GFile(path + '.tmp.png', 'wb') as f:
-        f.write(buffer.getvalue())
-    tf.io.gfile.rename(path + '.tmp.png', path, overwrite=True)
+    try:
+        with tf.io.gfile.GFile(path + '.tmp.png', 'wb') as f:
+            f.write(buffer.getvalue())
+        tf.io.gfile.rename(path + '.tmp.png', path, overwrite=True)
+    except BaseException:         # a full disk: no half-written file is left behind
+        if tf.io.gfile.exists(path + '.tmp.png'):
+            tf.io.gfile.remove(path + '.tmp.png')
+        raise
+
+
+def write_png(image, path):
+    """save_png for the command line: a failed write is one error line."""
+    with checkpoints.writing(path, 'the picture'):
+        save_png(image, path)
 
 
 def _font(size=12):
@@ -444,7 +455,7 @@ def sample_mode(model, hp, folder):
         picture = labelled(picture, left=labels, cell=images[0].shape[1:3], scale=max(1, 64 // hp.image_size))
     name = re.sub(r'[^0-9a-z.=_-]+', '_', (FLAGS.temp or '1.0').lower())
     path = output_path(folder, f'samples-t{name}-seed{FLAGS.seed}.png')
-    save_png(picture, path)
+    write_png(picture, path)
     steady = timings[1:] or timings          # the first batch also traces the graph
     rate = sum(n for n, _ in steady) / sum(t for _, t in steady)
     print(f'{FLAGS.n * len(rows)} samples in {sum(t for _, t in timings):.1f} s: {rate:.1f} images/s'
@@ -470,7 +481,7 @@ def reconstruct_mode(model, hp, folder):
     picture = labelled(grid(np.stack(columns, 1)), top=top, cell=images.shape[1:3],
                        scale=max(1, 64 // hp.image_size))
     path = output_path(folder, f'reconstructions-seed{FLAGS.seed}.png')
-    save_png(picture, path)
+    write_png(picture, path)
     for k in keep:
         print(f'k={k:4d}: first {k} of {model.num_layers} layers, {100 * share[k - 1]:.2f}% of the latent dimensions')
     print(f'wrote {path}: {len(images)} images; columns: data, then k = {", ".join(map(str, keep))}')
@@ -482,15 +493,17 @@ def stats_mode(model, hp, folder):
     path = output_path(folder, 'stats.png', also=['.csv'])
     csv_path = os.path.splitext(path)[0] + '.csv'
     share, cumulative = latent_share(model), np.cumsum(bits)
-    with open(csv_path + '.tmp', 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(['layer', 'resolution', 'latent_dims', 'kl_bits_per_dim', 'cumulative_bits_per_dim',
-                    'cumulative_latent_share'])
-        for i, (res, _) in enumerate(model.decoder.blocks):
-            w.writerow([i + 1, res, res * res * hp.zdim, f'{bits[i]:.8g}', f'{cumulative[i]:.8g}',
-                        f'{share[i]:.6f}'])
-    os.replace(csv_path + '.tmp', csv_path)
-    save_png(stats_figure(model, bits), path)
+    rows = [['layer', 'resolution', 'latent_dims', 'kl_bits_per_dim', 'cumulative_bits_per_dim',
+             'cumulative_latent_share']]
+    rows += [[i + 1, res, res * res * hp.zdim, f'{bits[i]:.8g}', f'{cumulative[i]:.8g}', f'{share[i]:.6f}']
+             for i, (res, _) in enumerate(model.decoder.blocks)]
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    with checkpoints.writing(csv_path, 'the table', '; nothing was written'):
+        with tf.io.gfile.GFile(csv_path + '.tmp', 'w') as f:
+            f.write(text.getvalue())
+        tf.io.gfile.rename(csv_path + '.tmp', csv_path, overwrite=True)
+    write_png(stats_figure(model, bits), path)
     top = np.argsort(bits)[::-1][:3]
     print(f'rate {bits.sum():.4f} bits/dim over {len(images)} images; largest layers: '
           + ', '.join(f'{i + 1} ({model.decoder.blocks[i][0]}x{model.decoder.blocks[i][0]}, '

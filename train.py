@@ -363,28 +363,34 @@ def copy_ema(state, eval_model):
 
 
 class Log:
-    """One JSON object per line in log.jsonl, the same scalars in TensorBoard, and curve.png."""
+    """One JSON object per line in log.jsonl, the same scalars in TensorBoard, and curve.png.
+    A write that fails stops the run in one line; `kept()` says which checkpoint is left."""
 
-    def __init__(self, logdir):
-        self.path = os.path.join(logdir, 'log.jsonl')
-        self.file = tf.io.gfile.GFile(self.path, 'a')
-        self.tb = tf.summary.create_file_writer(os.path.join(logdir, 'tb'))
+    def __init__(self, logdir, kept):
+        self.path, self.kept = os.path.join(logdir, 'log.jsonl'), kept
+        self.tb_dir = os.path.join(logdir, 'tb')
+        with checkpoints.writing(self.tb_dir, 'TensorBoard events', kept()):
+            self.file = tf.io.gfile.GFile(self.path, 'a')
+            self.tb = tf.summary.create_file_writer(self.tb_dir)
 
     def write_curve(self):
         """<logdir>/curve.png: bits/dim of training and validation so far."""
         with tf.io.gfile.GFile(self.path) as f:
             lines = f.readlines()
-        sample.save_png(sample.training_curve(lines), os.path.join(os.path.dirname(self.path), 'curve.png'))
+        path = os.path.join(os.path.dirname(self.path), 'curve.png')
+        with checkpoints.writing(path, 'the training curve', self.kept()):
+            sample.save_png(sample.training_curve(lines), path)
 
     def write(self, step, kind, values):
-        try:
+        with checkpoints.writing(self.path, 'the log', self.kept()):
             self.file.write(json.dumps(dict(step=int(step), kind=kind, **values)) + '\n')
             self.file.flush()
-        except (tf.errors.OpError, OSError) as e:      # a full disk: stop, in one line
-            hparams.fail(f'{self.path}: cannot write the log ({checkpoints.reason(e)})')
-        with self.tb.as_default(step=int(step)):
-            for k, v in values.items():
-                tf.summary.scalar(f'{kind}/{k}', v)
+        # The event writer reports a full disk only when flushed, so flush at every write.
+        with checkpoints.writing(self.tb_dir, 'TensorBoard events', self.kept()):
+            with self.tb.as_default(step=int(step)):
+                for k, v in values.items():
+                    tf.summary.scalar(f'{kind}/{k}', v)
+            self.tb.flush()
 
 
 # ---------------------------------------------------------------------------------------
@@ -401,12 +407,12 @@ def check_run_folder(logdir, hp):
         if diff:
             hparams.fail(f'{logdir} holds a run with other hyperparameters ({", ".join(diff)}); '
                          'pass the same flags to resume, or another folder')
-        if mine == theirs:
-            return
-    tf.io.gfile.makedirs(logdir)
-    with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
-        f.write(json.dumps(mine, indent=1))
-    tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+    # Written on every start, even unchanged: a folder we cannot write is found before training.
+    with checkpoints.writing(logdir, 'the run folder', '; nothing in it was changed'):
+        tf.io.gfile.makedirs(logdir)
+        with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
+            f.write(json.dumps(mine, indent=1))
+        tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -508,7 +514,8 @@ def run(_):
     # The newest checkpoint that reads back whole and finite; damaged newer ones are moved
     # aside (by the chief) with a warning line.
     try:
-        latest = checkpoints.newest_good(os.path.join(logdir, 'ckpt'), move=chief)
+        with checkpoints.writing(os.path.join(logdir, 'ckpt', 'corrupt'), 'a damaged checkpoint aside'):
+            latest = checkpoints.newest_good(os.path.join(logdir, 'ckpt'), move=chief)
     except checkpoints.CheckpointError as e:
         hparams.fail(f'{e}; nothing was moved: mend or move these files, or use another --logdir')
     manager = tf.train.CheckpointManager(ckpt, ckpt_dir, FLAGS.keep_checkpoints if chief else 1)
@@ -525,7 +532,8 @@ def run(_):
     train_steps = make_train_loop(state, hp, strategy, FLAGS.jit_compile)
     per_call = FLAGS.steps_per_call or (FLAGS.log_every if isinstance(strategy, tf.distribute.TPUStrategy) else 1)
     events = [e for e in (FLAGS.log_every, FLAGS.save_every, FLAGS.samples_every, FLAGS.eval_every) if e > 0]
-    log = Log(logdir) if chief else None
+    kept = lambda: f'; the last complete checkpoint ({manager.latest_checkpoint or "none yet"}) is as it was'
+    log = Log(logdir, kept) if chief else None
     # Eight validation images spread over the split (splits may be sorted, e.g. by label).
     n_valid = data.split_size(hp.dataset, 'valid', hp.image_size, FLAGS.data_dir)
     preview = data.load_split(hp.dataset, 'valid', hp.image_size, FLAGS.data_dir)
@@ -535,12 +543,10 @@ def run(_):
 
     def save():
         try:
-            path = checkpoints.save(manager, state, step)
+            with checkpoints.writing(ckpt_dir, f'checkpoint {step}', kept()):
+                path = checkpoints.save(manager, state, step)
         except checkpoints.CheckpointError as e:
             hparams.fail(e)
-        except (tf.errors.OpError, OSError) as e:      # a full disk, a folder we may not write
-            hparams.fail(f'{ckpt_dir}: cannot write checkpoint {step} ({checkpoints.reason(e)}); '
-                         f'the last complete one ({manager.latest_checkpoint or "none yet"}) is as it was')
         saved.clear()
         saved[step] = path
         return path
@@ -582,8 +588,10 @@ def run(_):
         if step % FLAGS.save_every == 0 or step == hp.steps:
             save()
         if chief and FLAGS.samples_every and (step % FLAGS.samples_every == 0 or step == hp.steps):
-            sample.save_png(sample.sample_grid(state.model, *preview, seed=step),
-                     os.path.join(logdir, 'samples', f'step-{step:08d}.png'))
+            grid = sample.sample_grid(state.model, *preview, seed=step)
+            path = os.path.join(logdir, 'samples', f'step-{step:08d}.png')
+            with checkpoints.writing(path, 'the sample grid', kept()):
+                sample.save_png(grid, path)
         if FLAGS.eval_every and (step % FLAGS.eval_every == 0 or step == hp.steps):
             copy_ema(state, eval_model)
             result = evaluate(eval_step, data.eval_dataset(hp, 'valid', strategy, FLAGS.data_dir), stop=stopping)

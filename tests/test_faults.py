@@ -2,7 +2,9 @@
 is made for real (bytes truncated or zeroed, files deleted, a signal sent to the process)
 and the run is judged by what it leaves: which checkpoint it resumed from, what it moved
 aside, and the weights it ends with."""
+import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -310,19 +312,85 @@ def test_kill_9_at_random_moments_loses_no_save_and_ends_bit_identical(straight6
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def test_a_full_disk_stops_in_one_line_and_leaves_the_last_checkpoint_loadable(tmp_path):
-    """The run folder on a 3 MB tmpfs (mounted by the test; skipped where mounting is not
-    allowed): each tiny checkpoint is 1.3 MB, so the third save finds the disk full."""
-    folder = tmp_path / 'disk'
-    folder.mkdir()
-    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', str(folder)],
-                      capture_output=True).returncode:
-        pytest.skip('cannot mount a tmpfs here (needs root)')
+@contextlib.contextmanager
+def _mounted(folder, *options):
+    """A file system the test makes at `folder` (a tmpfs, or a read-only bind of the folder
+    onto itself); skipped where mounting is not allowed (it needs root)."""
+    os.makedirs(folder, exist_ok=True)
+    for command in options:
+        r = subprocess.run(['mount', *command, str(folder)], capture_output=True)
+        if r.returncode:
+            subprocess.run(['umount', str(folder)], capture_output=True)
+            pytest.skip(f'cannot mount here: {r.stderr.decode().strip()}')
     try:
+        yield folder
+    finally:
+        subprocess.run(['umount', str(folder)])
+
+
+def _tmpfs(size):
+    return ['-t', 'tmpfs', '-o', f'size={size}', 'tmpfs']
+
+
+def _contents(folder):
+    return {p: open(os.path.join(d, p), 'rb').read() for d, _, files in os.walk(folder) for p in files}
+
+
+def test_a_full_disk_stops_in_one_line_and_leaves_the_last_checkpoint_loadable(tmp_path):
+    """The run folder on a 3 MB tmpfs: each tiny checkpoint is 1.3 MB, so the third save finds
+    the disk full."""
+    with _mounted(tmp_path / 'disk', _tmpfs('3m')) as folder:
         logdir = str(folder / 'run')
         line = cli.error_line(_train(logdir, '--steps=10', '--save_every=1'))
         assert 'ckpt: cannot write checkpoint 3' in line and 'No space left on device' in line, line
-        assert 'the last complete one' in line and 'ckpt-2' in line, line
+        assert 'the last complete checkpoint' in line and 'ckpt-2' in line, line
         checkpoints.verify(f'{logdir}/ckpt/ckpt-2')
-    finally:
-        subprocess.run(['umount', str(folder)])
+        assert not [p for p in _contents(logdir) if '.tmp' in p]
+
+
+@pytest.fixture(scope='module')
+def two_steps(tmp_path_factory):
+    """A run folder at step 2 (checkpoints 1 and 2)."""
+    return _uninterrupted(tmp_path_factory, '--steps=2', '--save_every=1')
+
+
+@pytest.mark.parametrize('full', ['tb', 'samples'])
+def test_a_full_log_or_sample_folder_stops_in_one_line_naming_it(two_steps, tmp_path, full):
+    """A tmpfs of 16 pages mounted on one subfolder of a run at step 2, then resumed. `tb`: 15
+    pages filled first, so TensorBoard's event file fills up some steps into the run (it
+    reports that only when flushed). `samples`: filled, so the first sample grid fails."""
+    logdir = tmp_path / 'run'
+    shutil.copytree(two_steps, logdir)
+    shutil.rmtree(logdir / full, ignore_errors=True)
+    with _mounted(logdir / full, _tmpfs('64k')) as folder:
+        try:
+            with open(folder / 'filler', 'wb') as f:
+                f.write(bytes(60 << 10 if full == 'tb' else 1 << 20))
+        except OSError:
+            pass
+        assert os.statvfs(folder).f_bavail == (1 if full == 'tb' else 0)
+        line = cli.error_line(_train(logdir, '--steps=30', '--save_every=1', '--samples_every=1'))
+        what = 'TensorBoard events' if full == 'tb' else 'the sample grid'
+        assert f'{folder}' in line and f'cannot write {what}' in line and 'No space left on device' in line, line
+        last = re.search(r'the last complete checkpoint \((.*ckpt-(\d+))\) is as it was$', line)
+        assert last and last.group(1) == f'{logdir}/ckpt/ckpt-{last.group(2)}', line
+        assert int(last.group(2)) >= 3 and (full == 'tb' or last.group(2) == '3'), line
+        checkpoints.verify(last.group(1))
+        assert not [p for p in _contents(folder) if '.tmp' in p]
+
+
+def test_a_read_only_run_folder_is_refused_before_training_and_left_as_it_was(two_steps, tmp_path):
+    """The folder bound read-only onto itself (root ignores file modes): train.py stops before
+    its first step, sample.py and convert.py --export before their first write."""
+    logdir = tmp_path / 'run'
+    shutil.copytree(two_steps, logdir)
+    before = _contents(logdir)
+    with _mounted(logdir, ['--bind', str(logdir)], ['-o', 'remount,ro,bind']):
+        line = cli.error_line(_train(logdir, '--steps=4', '--save_every=1'))
+        assert f'{logdir}: cannot write the run folder' in line and 'Read-only file system' in line, line
+        line = cli.error_line(cli.run('sample.py', f'--ckpt={logdir}', '--n=2'))
+        assert f'{logdir}/figures' in line and 'cannot write the picture' in line and 'Read-only' in line, line
+        line = cli.error_line(cli.run('convert.py', '--export', f'--ckpt={logdir}', f'--out={logdir}/x.th'))
+        assert f'{logdir}/x.th: cannot write the checkpoint' in line and 'Read-only' in line, line
+        assert _contents(logdir) == before
+    checkpoints.verify(f'{logdir}/ckpt/ckpt-2')
