@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 import checkpoints
+import data
 import hparams
 from hparams import parse_blocks
 import model as vdvae
@@ -272,7 +273,7 @@ def load_official(model, state_dict):
     if missing or unexpected:
         problems = ([f'missing {_list(missing)}'] if missing else []) + \
                    ([f'unexpected {_list(unexpected)}'] if unexpected else [])
-        raise CheckpointError(f'does not match the hyperparameters: {"; ".join(problems)}')
+        raise CheckpointError(f'does not match the model of --hparams and its overrides: {"; ".join(problems)}')
     values = {}      # variable -> the numpy array it will hold
     for key, holder, piece, j, layout_name in layout:
         to_ours, to_official = _LAYOUTS[layout_name]
@@ -351,6 +352,10 @@ def import_main():
     if FLAGS.ckpt:
         hparams.fail('--ckpt is for --export; an import reads --torch_ckpt')
     hp = hparams.exit_on_error(hparams.from_flags)
+    if hp.dataset not in data.NORMALIZATION and not hp.dataset.startswith(('folder:', 'npy:')):
+        # The import reads no data; a name train.py would refuse later is refused now.
+        hparams.fail(f'--dataset={hp.dataset}: unknown dataset; choose one of '
+                     f'{", ".join(data.NORMALIZATION)}, folder:PATH or npy:PATH.npy')
     print(f'reading {FLAGS.torch_ckpt}' + (f' and {FLAGS.torch_ckpt_model}' if FLAGS.torch_ckpt_model else ''))
     path, tensors, params = import_run(hp, FLAGS.out, FLAGS.torch_ckpt, FLAGS.torch_ckpt_model)
     print(f'{tensors} tensors, {params:,} parameters; EMA weights from {FLAGS.torch_ckpt}, weights '

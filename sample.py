@@ -519,7 +519,8 @@ def main(_):
         if FLAGS[name].value < 1:
             hparams.fail(f'--{name}={FLAGS[name].value} must be at least 1')
     unused = [name for name, modes in [('keep', ['reconstruct']), ('images', ['reconstruct', 'stats']),
-                                       ('temp', ['sample', 'reconstruct'])]
+                                       ('temp', ['sample', 'reconstruct']),
+                                       ('data_dir', ['reconstruct', 'stats'])]
               if FLAGS[name].value is not None and FLAGS.mode not in modes]
     if unused:
         hparams.fail(f'--{unused[0]} means nothing with --mode={FLAGS.mode}')
