@@ -352,10 +352,10 @@ def import_main():
     if FLAGS.ckpt:
         hparams.fail('--ckpt is for --export; an import reads --torch_ckpt')
     hp = hparams.exit_on_error(hparams.from_flags)
-    if hp.dataset not in data.NORMALIZATION and not hp.dataset.startswith(('folder:', 'npy:')):
-        # The import reads no data; a name train.py would refuse later is refused now.
-        hparams.fail(f'--dataset={hp.dataset}: unknown dataset; choose one of '
-                     f'{", ".join(data.NORMALIZATION)}, folder:PATH or npy:PATH.npy')
+    try:        # the import reads no data, but a name train.py would refuse later is refused now
+        data.check_name(hp.dataset)
+    except data.DataError as e:
+        hparams.fail(f'--dataset: {e}')
     print(f'reading {FLAGS.torch_ckpt}' + (f' and {FLAGS.torch_ckpt_model}' if FLAGS.torch_ckpt_model else ''))
     path, tensors, params = import_run(hp, FLAGS.out, FLAGS.torch_ckpt, FLAGS.torch_ckpt_model)
     print(f'{tensors} tensors, {params:,} parameters; EMA weights from {FLAGS.torch_ckpt}, weights '

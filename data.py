@@ -130,7 +130,15 @@ def split_size(dataset, split, image_size, data_dir=None):
     return _split(dataset, split, image_size, data_dir).size
 
 
+def check_name(dataset):
+    """Refuses a dataset name this module cannot load, without reading any data."""
+    if dataset not in NORMALIZATION and not dataset.startswith(('folder:', 'npy:')):
+        raise DataError(f'unknown dataset {dataset!r}; choose one of {", ".join(NORMALIZATION)}, '
+                        'folder:PATH or npy:PATH.npy')
+
+
 def _split(dataset, split, image_size, data_dir):
+    check_name(dataset)
     if split not in SPLITS:
         raise DataError(f'unknown split {split!r}; choose one of {", ".join(SPLITS)}')
     if data_dir and (dataset == 'mnist5k' or dataset.startswith(('folder:', 'npy:'))):
@@ -149,12 +157,9 @@ def _split(dataset, split, image_size, data_dir):
                             'PNG/JPEG images or an (N, H, W, 3) uint8 .npy file')
         kind, path = ('npy', data_dir) if data_dir.endswith('.npy') else ('folder', data_dir)
         held_out, seed = HELD_OUT[dataset], 5         # seed 5: the official FFHQ split
-    elif dataset.startswith(('folder:', 'npy:')):
+    else:       # folder:PATH or npy:PATH (check_name)
         kind, path = dataset.split(':', 1)
         held_out, seed = None, 0
-    else:
-        raise DataError(f'unknown dataset {dataset!r}; choose one of {", ".join(NORMALIZATION)}, '
-                        'folder:PATH or npy:PATH.npy')
     if kind == 'npy':
         return _array_split(_npy(path, image_size), split, held_out, seed)
     return _folder_split(path, _scan_folder(path, image_size), image_size, split, held_out, seed)
