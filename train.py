@@ -397,16 +397,23 @@ class Log:
 # Run folders: hparams.json fixes what a folder holds, so resuming cannot mix configurations.
 
 
+# What a resumed run may change: how long it goes on, and the remedies for a stalled or
+# diverging run. Anything else would make it another run.
+RESUMABLE_WITH = ('steps', 'lr', 'grad_clip', 'skip_threshold')
+
+
 def check_run_folder(logdir, hp):
     path = os.path.join(logdir, 'hparams.json')
     mine = dataclasses.asdict(hp)
     if tf.io.gfile.exists(path):
         theirs = json.loads(tf.io.gfile.GFile(path).read())
-        # `steps` only says how long to go on; anything else would change the run.
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k != 'steps')
-        if diff:
-            hparams.fail(f'{logdir} holds a run with other hyperparameters ({", ".join(diff)}); '
-                         'pass the same flags to resume, or another folder')
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if set(diff) - set(RESUMABLE_WITH):
+            hparams.fail(f'{logdir} holds a run with other hyperparameters '
+                         f'({", ".join(k for k in diff if k not in RESUMABLE_WITH)}); pass the same flags '
+                         f'to resume (only {", ".join(RESUMABLE_WITH)} may change), or another folder')
+        for k in diff:
+            print(f'resuming with {k}={mine[k]} (the run had {theirs[k]})')
     # Written on every start, even unchanged: a folder we cannot write is found before training.
     with checkpoints.writing(logdir, 'the run folder', '; nothing in it was changed'):
         tf.io.gfile.makedirs(logdir)
@@ -592,10 +599,11 @@ def run(_):
                      f'|g| {values["grad_norm"]:.1f} skipped {values["skipped_total"]}',
                      step - start, hp.steps - start, t0)
         if int(state.skips_in_a_row.numpy()) > FLAGS.max_skips_in_a_row:
-            save()       # skipped updates changed nothing: this is the last good state
+            path = save()       # skipped updates changed nothing: this is the last good state
             hparams.fail(f'{int(state.skips_in_a_row.numpy())} updates in a row were skipped (gradient '
                          f'norm >= skip_threshold={hp.skip_threshold} or non-finite loss): training '
-                         'has stalled. Raise --skip_threshold or lower --lr and restart to resume.')
+                         f'has stalled; the last good state is saved ({path}). To resume, run the same '
+                         'command with a higher --skip_threshold or a lower --lr')
         if step % FLAGS.save_every == 0 or step == hp.steps:
             save()
         if chief and FLAGS.samples_every and (step % FLAGS.samples_every == 0 or step == hp.steps):

@@ -220,16 +220,6 @@ def model_initial_weights():
     return [v.numpy() for v in model.VDVAE(hparams.load('tiny', batch_size=4)).weights]
 
 
-def test_a_stalled_run_stops_with_a_pointer_to_skip_threshold(tmp_path):
-    r = _train(f'--logdir={tmp_path}/run', '--steps=20', '--skip_threshold=1e-9',
-               '--max_skips_in_a_row=3')
-    assert r.returncode == 2
-    assert 'updates in a row were skipped' in r.stderr and '--skip_threshold' in r.stderr
-    steps = [json.loads(line) for line in open(f'{tmp_path}/run/log.jsonl')]
-    assert len(steps) == 4 and all(s['skipped'] == 1 for s in steps)
-    assert tf.train.latest_checkpoint(f'{tmp_path}/run/ckpt').endswith('ckpt-4')
-
-
 def test_float16_uses_a_dynamic_loss_scale_that_halves_on_overflow():
     keras.config.set_dtype_policy('mixed_float16')
     try:

@@ -1,0 +1,62 @@
+"""A training run with a storm: runs train.py as a user would, on two replicas (the CPU split
+into two logical devices, mirrored), with the loss of the steps in [FIRST, LAST] made
+non-finite, or its gradients made huge, on both replicas or only on one.
+
+    python tests/storm.py --storm=FIRST:LAST --kind=nan|huge [--replica=0|1] [TRAIN.PY FLAGS...]
+
+Steps count from 0 (the update that brings the run to step N is step N-1). `huge` multiplies
+the gradient by 1e9 and leaves the loss as it is; `nan` makes the loss NaN. The fault is
+injected in the model's loss, inside the traced train step, so everything after it (the
+all-reduce, the skip, the stall guard, the saves) is train.py's own."""
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--storm', required=True)
+    parser.add_argument('--kind', choices=['nan', 'huge'], required=True)
+    parser.add_argument('--replica', type=int, default=None, help='only this replica (default: both)')
+    args, rest = parser.parse_known_args()
+    first, last = (int(s) for s in args.storm.split(':'))
+
+    sys.path.insert(0, ROOT)
+    import tensorflow as tf
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices('CPU')[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    import hparams
+    import model
+    import train
+
+    losses_per_image = model.VDVAE.losses_per_image
+
+    def stormy(self, x_in, target, seed=None, noise_rows=None):
+        out = losses_per_image(self, x_in, target, seed=seed, noise_rows=noise_rows)
+        if noise_rows is None:              # not a train step
+            return out
+        step = tf.cast(seed[1], tf.int64)
+        hit = (step >= first) & (step <= last)
+        if args.replica is not None:        # the replica's first row in the global batch
+            hit &= tf.equal(noise_rows[0] // tf.shape(x_in)[0], args.replica)
+        elbo = out['elbo']
+        # Factors, not tf.where(hit, bad, elbo): the branch not taken would still send its NaN
+        # into the gradient.
+        if args.kind == 'nan':
+            out['elbo'] = elbo * tf.where(hit, float('nan'), 1.)
+        else:                               # the same value, 1e9 times the gradient
+            out['elbo'] = elbo + tf.where(hit, 1e9 - 1., 0.) * (elbo - tf.stop_gradient(elbo))
+        return out
+
+    model.VDVAE.losses_per_image = stormy
+    two = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+    train.make_strategy = lambda *a, **k: two
+    sys.argv = [os.path.join(ROOT, 'train.py'), *rest]
+    train.define_flags()          # what `python train.py` does, on the patched module
+    hparams.run(train.main)
+
+
+if __name__ == '__main__':
+    main()
