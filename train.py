@@ -427,6 +427,15 @@ def check_run_folder(logdir, hp):
 
 def test_eval(strategy):
     model, hp, _, _, step = sample.load(FLAGS.ckpt or FLAGS.logdir or f'runs/{FLAGS.hparams}', strategy)
+    # The checkpoint knows its own hyperparameters: --hparams may only confirm them, and of the
+    # field flags only the batch size (memory) means anything here.
+    if FLAGS['hparams'].present:
+        sample.check_preset(hp, FLAGS.hparams)
+    overrides = [f.name for f in dataclasses.fields(hparams.HParams)
+                 if FLAGS[f.name].value is not None and f.name != 'batch_size']
+    if overrides:
+        hparams.fail(f'--test_eval takes the hyperparameters from the checkpoint; drop --{overrides[0]}')
+    hp = hp.replace(batch_size=FLAGS.batch_size or hp.batch_size)
     total = data.split_size(hp.dataset, 'test', hp.image_size, FLAGS.data_dir)
     n = min(FLAGS.n_images, total) if FLAGS.n_images else total
     result = evaluate(make_eval_step(model, hp, strategy, FLAGS.jit_compile),

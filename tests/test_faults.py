@@ -104,10 +104,13 @@ def test_an_explicit_corrupt_checkpoint_is_one_error_line_for_every_script(strai
         assert 'ckpt-6' in line and 'cannot be read' in line, (script, line)
     assert not os.path.exists(tmp_path / 'x.th')
     # Not a checkpoint at all, and a checkpoint of another preset.
-    line = cli.error_line(cli.run('sample.py', f'--ckpt={tmp_path / "nothing"}'))
-    assert 'nothing' in line
-    line = cli.error_line(cli.run('sample.py', f'--ckpt={logdir}', '--hparams=demo'))
-    assert 'demo' in line
+    for script, args in (('train.py', ['--test_eval']), ('sample.py', []),
+                         ('convert.py', ['--export', f'--out={tmp_path / "x.th"}'])):
+        line = cli.error_line(cli.run(script, *args, f'--ckpt={tmp_path / "nothing"}'))
+        assert f'{tmp_path / "nothing"}' in line, (script, line)
+        line = cli.error_line(cli.run(script, *args, f'--ckpt={logdir}', '--hparams=demo'))
+        assert 'not a demo model' in line and 'width' in line, (script, line)
+    assert not os.path.exists(tmp_path / 'x.th')
     # A run folder reads its newest good checkpoint, says so, and changes nothing.
     r = cli.run('sample.py', f'--ckpt={logdir}', '--n=2', f'--out={tmp_path / "s.png"}')
     assert r.returncode == 0 and 'ckpt-6' in r.stderr and 'ckpt-4' in r.stdout, r.stderr[-2000:]
