@@ -8,10 +8,15 @@
     x_in, target = data.preprocess(images_uint8, hp)         # the one place constants are applied
 
 `hp.dataset` (the `--dataset` flag) names the source; the splits are 'train', 'valid', 'test':
-  cifar10                tfds cifar10: valid = the first 5,000 train images in tfds's fixed
-                         (already shuffled) order, train = the other 45,000, test = official test.
+  cifar10                tfds cifar10: the official code's split of the 50,000 training
+                         images (scikit-learn's train_test_split, seed 11172018, rebuilt from
+                         the position tfds keeps in each example's id): valid = 5,000 of them,
+                         train = the other 45,000, in tfds's order; test = the official test.
   imagenet32/64          tfds downsampled_imagenet/32x32|64x64 (van den Oord's sets, as the
-                         paper): 5,000 train images held out the same way, test = validation.
+                         paper): valid = the first 5,000 train images in tfds's fixed (already
+                         shuffled) order, test = validation. Not the official code's held-out
+                         set: it permutes the rows of its own .npy files, an order tfds does
+                         not keep.
                          image-net.org no longer serves their files: put train_SxS.tar and
                          valid_SxS.tar in DATA_DIR/downloads/manual/ (tfds checks checksums).
   ffhq256, ffhq1024      data_dir = a folder of PNG/JPEG images (recursive) or an (N, S, S, 3)
@@ -213,12 +218,15 @@ def _tfds_split(dataset, split, image_size, data_dir):
         ds = tfds.load(name, split=source, shuffle_files=False, data_dir=data_dir)
     except Exception as e:  # noqa: BLE001 -- tfds raises many kinds; _tfds_failure sorts them
         raise DataError(_tfds_failure(name, source, data_dir, where, e)) from None
+    size = None
+    if dataset == 'cifar10' and split != 'test':
+        ds, size = _cifar10_official(ds, split, where)
     ds = ds.map(lambda example: example['image'])
-    # tfds's train order is fixed and was shuffled when the dataset was built, so the first
-    # images are a random held-out set; take/skip also work under tfds.testing.mock_data.
-    if split == 'valid':
+    # ImageNet: tfds's train order is fixed and was shuffled when the dataset was built, so
+    # the first images are a random held-out set (not the official one: module docstring).
+    if dataset != 'cifar10' and split == 'valid':
         ds = ds.take(HELD_OUT[dataset])
-    elif split == 'train':
+    elif dataset != 'cifar10' and split == 'train':
         ds = ds.skip(HELD_OUT[dataset])
     want = (image_size, image_size, 3)
     first = next(iter(ds.take(1)), None)
@@ -227,7 +235,7 @@ def _tfds_split(dataset, split, image_size, data_dir):
     if tuple(first.shape) != want:
         raise DataError(f'{name} in {where}: {split} image 0 has shape '
                         f'{"x".join(map(str, first.shape))}, expected {"x".join(map(str, want))}')
-    size = int(ds.cardinality())
+    size = size or int(ds.cardinality())
     if size < 0:
         size = int(ds.reduce(0, lambda n, _: n + 1))
 
@@ -238,6 +246,36 @@ def _tfds_split(dataset, split, image_size, data_dir):
         with tf.control_dependencies([check]):
             return tf.ensure_shape(tf.identity(image), want)
     return Split(ds, decode, size)
+
+
+def cifar10_held_out(n, held_out):
+    """Positions in data_batch_1..5 of the official code's (valid, train) images: its
+    scikit-learn train_test_split(test_size=held_out, random_state=11172018) draws one
+    permutation from a RandomState of that seed; valid = its first `held_out`, train = the rest."""
+    order = np.random.RandomState(11172018).permutation(n)
+    return order[:held_out], order[held_out:]
+
+
+def _cifar10_official(ds, split, where):
+    """tfds's cifar10 train examples of the official split, in tfds's order. tfds shuffles
+    the examples when it prepares them, but keeps each one's position in data_batch_1..5 in its
+    `id` (train_00000 ... train_49999)."""
+    n = int(ds.cardinality())
+    valid, _ = cifar10_held_out(n, HELD_OUT['cifar10'])
+    in_valid = np.zeros(n, bool)
+    in_valid[valid] = True
+    in_valid = tf.constant(in_valid)
+
+    def keep(example):
+        digits = tf.strings.regex_replace(example['id'], '^train_', '')
+        ok = tf.strings.regex_full_match(digits, '[0-9]+')
+        check = tf.debugging.assert_equal(ok, True, f'DataError: cifar10 in {where}: an example id '
+                                          'is not train_N (the position the official split needs)')
+        with tf.control_dependencies([check]):
+            position = tf.strings.to_number(digits, tf.int64)
+        return tf.gather(in_valid, position) == (split == 'valid')
+    size = len(valid) if split == 'valid' else n - len(valid)
+    return ds.filter(keep), size
 
 
 # What tfds's first use of a dataset (download, then prepare) fails on, told apart so that the

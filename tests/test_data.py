@@ -147,19 +147,58 @@ def test_wrong_names_and_sizes():
 
 # ---------------------------------------------------------------------------------------
 # tfds sources under tfds.testing.mock_data.
-def test_cifar10_holds_out_the_first_train_images(monkeypatch):
+# The official code's CIFAR-10 split, as scikit-learn 1.9.1 draws it, run once outside the
+# project (pip install scikit-learn; then, for (n, k) = (50000, 5000) and (10, 5)):
+#     from sklearn.model_selection import train_test_split
+#     train, valid = train_test_split(np.arange(n), test_size=k, random_state=11172018)
+#     hashlib.sha256(valid.astype('<i8').tobytes()).hexdigest(), the same for train
+SKLEARN_CIFAR10 = dict(
+    valid_first=[38899, 48321, 12222, 16844, 47067, 26668, 26014, 11553],
+    train_first=[28062, 8836, 24693, 36105, 26494, 7812, 43533, 19615],
+    valid_sha256='a62a2f02ab39756edc27567a7feea80a736cbcf461d6106567afc30e66b154b0',
+    train_sha256='41bfb7d6515495aa7dccb33e7508d8ef7b23d9d8c44d3073385d8198657c5a66')
+SKLEARN_10_5 = ([0, 3, 8, 7, 1], [6, 2, 9, 4, 5])     # (valid, train) of 10 images, 5 held out
+
+
+def test_the_cifar10_held_out_positions_are_scikit_learns():
+    import hashlib
+    valid, train = data.cifar10_held_out(50000, data.HELD_OUT['cifar10'])
+    assert list(valid[:8]) == SKLEARN_CIFAR10['valid_first'] and list(train[:8]) == SKLEARN_CIFAR10['train_first']
+    assert hashlib.sha256(valid.astype('<i8').tobytes()).hexdigest() == SKLEARN_CIFAR10['valid_sha256']
+    assert hashlib.sha256(train.astype('<i8').tobytes()).hexdigest() == SKLEARN_CIFAR10['train_sha256']
+    assert [list(part) for part in data.cifar10_held_out(10, 5)] == [list(part) for part in SKLEARN_10_5]
+
+
+def cifar10_mock(ids):
+    """as_dataset_fn: the train split in the given id order, each image filled with the
+    position its id names; the test split three images of 255."""
+    def as_dataset(self, *args, **kwargs):
+        split = str(kwargs.get('split', args[0] if args else ''))
+        rows = [('test_0', 255)] * 3 if 'test' in split else [(i, int('0' + i[6:])) for i in ids]
+        return tf.data.Dataset.from_generator(
+            lambda: ({'id': i, 'image': np.full((32, 32, 3), v, np.uint8)} for i, v in rows),
+            output_signature={'id': tf.TensorSpec((), tf.string),
+                              'image': tf.TensorSpec((None, None, 3), tf.uint8)}).apply(
+            tf.data.experimental.assert_cardinality(len(rows)))
+    return as_dataset
+
+
+def test_cifar10_holds_out_the_official_train_images(monkeypatch):
+    """tfds hands the examples out shuffled; the split follows their ids, not their order."""
     import tensorflow_datasets as tfds
-    assert data.HELD_OUT['cifar10'] == 5000                  # the paper's; 5 keeps this quick
     monkeypatch.setitem(data.HELD_OUT, 'cifar10', 5)
-    with tfds.testing.mock_data(num_examples=12):
-        full = images_of(tfds.load('cifar10', split='train', shuffle_files=False)
-                         .map(lambda e: e['image']))
-        train = images_of(data.load_split('cifar10', 'train', 32))
-        valid = images_of(data.load_split('cifar10', 'valid', 32))
-        assert len(images_of(data.load_split('cifar10', 'test', 32))) == 12
-    assert len(train) == 7 and len(valid) == 5
-    np.testing.assert_array_equal(train, full[5:])
-    np.testing.assert_array_equal(valid, full[:5])
+    ids = [f'train_{p:05d}' for p in np.random.default_rng(0).permutation(10)]
+    with tfds.testing.mock_data(as_dataset_fn=cifar10_mock(ids)):
+        split = {s: images_of(data.load_split('cifar10', s, 32))[:, 0, 0, 0] for s in data.SPLITS}
+        assert data.split_size('cifar10', 'valid', 32) == 5 and data.split_size('cifar10', 'train', 32) == 5
+    order = [int(i[6:]) for i in ids]
+    assert list(split['valid']) == [p for p in order if p in SKLEARN_10_5[0]]     # tfds's order
+    assert list(split['train']) == [p for p in order if p in SKLEARN_10_5[1]]
+    assert list(split['test']) == [255] * 3
+    with tfds.testing.mock_data(as_dataset_fn=cifar10_mock(['train_00001', 'img7'] + ids[2:])):
+        with pytest.raises(data.DataError, match='an example id is not train_N'):
+            with data.clear_errors():
+                images_of(data.load_split('cifar10', 'train', 32))
 
 
 def imagenet_mock(shapes):

@@ -153,17 +153,22 @@ def test_tfds_prepares_the_source_files_and_data_reads_every_image_exactly(
             for url, info in builder_class.url_infos.items() if info.filename in files}
     assert len(urls) == len(files)
     monkeypatch.setattr(builder_class, 'url_infos', urls)
-    monkeypatch.setitem(data.HELD_OUT, dataset, 2)   # the paper's 5,000 of a few images
+    held_out = 5 if dataset == 'cifar10' else 2       # the paper's 5,000 of a few images
+    monkeypatch.setitem(data.HELD_OUT, dataset, held_out)
 
     size = SIZE[dataset]
     got = {split: np.stack(list(data.load_split(dataset, split, size, str(tmp_path)).as_numpy_iterator()))
            for split in data.SPLITS}
     assert not offline
     np.testing.assert_array_equal(sorted_images(got['test']), sorted_images(test))
-    assert len(got['valid']) == 2 and len(got['train']) == len(train) - 2
+    assert len(got['valid']) == held_out and len(got['train']) == len(train) - held_out
     np.testing.assert_array_equal(sorted_images(np.concatenate([got['train'], got['valid']])),
                                   sorted_images(train))       # lossless: PNG and raw bytes
-    assert data.split_size(dataset, 'train', size, str(tmp_path)) == len(train) - 2
+    assert data.split_size(dataset, 'train', size, str(tmp_path)) == len(train) - held_out
+    if dataset == 'cifar10':      # the official code's split (test_data.py: scikit-learn's)
+        from test_data import SKLEARN_10_5
+        for split, positions in zip(('valid', 'train'), SKLEARN_10_5):
+            np.testing.assert_array_equal(sorted_images(got[split]), sorted_images(train[positions]))
 
 
 def test_an_unreachable_bucket_is_reported_as_such():
