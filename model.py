@@ -118,9 +118,18 @@ def gaussian_log_density(x, mean, logsigma):
 # TPU's) draws noise of its own; the XLA tests swap these three for hashes both agree on.
 def _normal(shape, seed, rows=None):
     """rows=(offset, total): rows offset.. of a draw for `total` rows (offset may be a
-    tensor, as a TPU replica's id is; the size stays static for XLA)."""
+    tensor, as a TPU replica's id is; the size stays static for XLA). rows=(offset, total,
+    copies): the batch is `copies` copies of its images, one after the other (the
+    importance-weighted bound's draws), and copy c gets rows offset.. of draw c."""
     if rows is None:
         return tf.random.stateless_normal(shape, seed)
+    if len(rows) == 3:
+        offset, total, copies = rows
+        n = shape[0] // copies
+        full = tf.random.stateless_normal(tf.concat([[copies, total], shape[1:]], 0), seed)
+        part = tf.slice(full, tf.concat([[0, offset], tf.zeros_like(shape[1:])], 0),
+                        tf.concat([[copies, n], shape[1:]], 0))
+        return tf.reshape(part, shape)
     offset, total = rows
     full = tf.random.stateless_normal(tf.concat([[total], shape[1:]], 0), seed)
     return tf.slice(full, tf.concat([[offset], tf.zeros_like(shape[1:])], 0), shape)
@@ -428,12 +437,12 @@ class VDVAE(keras.Model):
         rate = tf.add_n([l['kl'] for l in layers]) / self._dims()
         return dict(elbo=distortion + rate, distortion=distortion, rate=rate)
 
-    def log_weights(self, x_in, target, seed=None):
+    def log_weights(self, x_in, target, seed=None, noise_rows=None):
         """log p(x, z) - log q(z | x) in nats per image, for one z ~ q(z | x): the ELBO's
         integrand with every latent's full Gaussian log-density (not the analytic KL), so its
         mean over z is -elbo * dims and its log-mean-exp over K draws is the tighter
         importance-weighted bound on log p(x) (Burda et al., 2015)."""
-        params, layers = self._posterior_pass(x_in, seed)
+        params, layers = self._posterior_pass(x_in, seed, noise_rows)
         log_ratio = []
         for l in layers:
             z, (q_mean, q_logsigma), (p_mean, p_logsigma) = [

@@ -295,35 +295,54 @@ def _finite_sums(per_image, mask):
 
 
 def _eval_function(strategy, replica_fn, jit_compile=False):
+    """(x_in, target, mask, batch=0) -> global sums; `batch` numbers the evaluation's batches
+    (a fresh draw of posterior noise for each)."""
     replica_fn = _compiled(replica_fn, strategy, jit_compile)
 
     @tf.function(autograph=False)
-    def step(x_in, target, mask):
-        out = strategy.run(replica_fn, args=(x_in, target, mask))
+    def traced(x_in, target, mask, batch):
+        out = strategy.run(replica_fn, args=(x_in, target, mask, batch))
         return {k: strategy.experimental_local_results(v)[0] for k, v in out.items()}
+
+    def step(x_in, target, mask, batch=0):
+        return traced(x_in, target, mask, tf.constant(batch, tf.int32))
     step.replica_step = replica_fn
     return step
 
 
+def _eval_noise(hp, batch, x_in):
+    """The posterior noise of evaluation batch `batch`: its own seed (training's seeds are
+    [seed, step >= 0]), and this replica's rows of the global batch, so that one device and
+    several replicas draw the same noise for the same global batches."""
+    ctx = tf.distribute.get_replica_context()
+    n = tf.shape(x_in)[0]
+    seed = tf.stack([tf.constant(hp.seed, tf.int32), -1 - batch])
+    return seed, (ctx.replica_id_in_sync_group * n, n * ctx.num_replicas_in_sync)
+
+
 def make_eval_step(model, hp, strategy, jit_compile=False):
-    """(x_in, target, mask) -> global sums of elbo, distortion and rate, and image counts."""
-    return _eval_function(strategy, lambda x_in, target, mask: _finite_sums(
-        model.losses_per_image(x_in, target, seed=tf.constant([hp.seed, -1])), mask), jit_compile)
+    """(x_in, target, mask, batch=0) -> global sums of elbo, distortion and rate, and image counts."""
+    def replica_elbo(x_in, target, mask, batch):
+        seed, rows = _eval_noise(hp, batch, x_in)
+        return _finite_sums(model.losses_per_image(x_in, target, seed=seed, noise_rows=rows), mask)
+    return _eval_function(strategy, replica_elbo, jit_compile)
 
 
 def make_iw_eval_step(model, hp, strategy, samples, jit_compile=False):
-    """(x_in, target, mask) -> the sums make_eval_step gives, with `elbo` replaced by the
-    importance-weighted bound -log mean_k p(x, z_k) / q(z_k | x) in nats/dim. A while loop
+    """(x_in, target, mask, batch=0) -> the sums make_eval_step gives, with `elbo` replaced by
+    the importance-weighted bound -log mean_k p(x, z_k) / q(z_k | x) in nats/dim. A while loop
     over the draws, a few per pass (the batch tiled), keeps memory at a few batches."""
     per_pass = max(d for d in range(1, 5) if samples % d == 0)
     dims = float(hp.image_size ** 2 * hp.image_channels)
 
-    def replica_iw(x_in, target, mask):
+    def replica_iw(x_in, target, mask, batch):
         n = tf.shape(x_in)[0]
         x_rep, t_rep = tf.tile(x_in, [per_pass, 1, 1, 1]), tf.tile(target, [per_pass, 1, 1, 1])
+        seed, (offset, total) = _eval_noise(hp, batch, x_in)
+        seeds = vdvae._split_seed(seed, samples // per_pass)        # one per pass
 
         def draw(i, log_sum):
-            log_w = model.log_weights(x_rep, t_rep, seed=tf.stack([hp.seed, -2 - i]))
+            log_w = model.log_weights(x_rep, t_rep, seed=seeds[i], noise_rows=(offset, total, per_pass))
             both = tf.concat([log_sum[None], tf.reshape(log_w, [per_pass, n])], 0)
             return i + 1, tf.reduce_logsumexp(both, axis=0)      # stable running log-sum-exp
 
@@ -342,7 +361,7 @@ def evaluate(eval_step, dataset, total=None, label='eval', stop=None):
         for i, batch in enumerate(dataset):
             if stop and stop():
                 return None
-            for k, v in eval_step(*batch).items():
+            for k, v in eval_step(*batch, batch=i).items():
                 sums[k] = sums.get(k, 0.) + float(v)
             if total:
                 hparams.progress(label, sums['images'] + sums['nonfinite'], total, t0)

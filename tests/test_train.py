@@ -20,6 +20,28 @@ def _mirrored():
     return tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
 
 
+def test_evaluation_draws_fresh_noise_per_batch_the_same_on_any_number_of_replicas():
+    """Each evaluation batch its own posterior noise, the same in every evaluation and on one
+    device or two replicas (each image gets its row of the global batch's draw)."""
+    hp = hparams.load('tiny')
+    keras.utils.set_random_seed(0)
+    m = train.create_state(hp, tf.distribute.get_strategy()).model
+    x_in, target = _batch(n=8, seed=3)
+    mask = np.ones(8, np.float32)
+    one = train.make_eval_step(m, hp, tf.distribute.get_strategy())
+    strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'],
+                                              cross_device_ops=tf.distribute.ReductionToOneDevice())
+    two = train.make_eval_step(m, hp, strategy)
+    split = next(iter(strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((x_in, target, mask)).batch(8))))
+    sums = {b: {k: float(v) for k, v in one(x_in, target, mask, batch=b).items()} for b in (0, 1, 2)}
+    assert len({sums[b]['rate'] for b in sums}) == 3            # three batches, three draws
+    assert {k: float(v) for k, v in one(x_in, target, mask, batch=1).items()} == sums[1]   # reproducible
+    for b in (0, 1):
+        for k, v in two(*split, batch=b).items():
+            assert float(v) == pytest.approx(sums[b][k], rel=1e-5), (b, k)
+
+
 def _run(strategy, hp, batches):
     keras.utils.set_random_seed(0)
     state = train.create_state(hp, strategy)
@@ -256,8 +278,9 @@ def test_evaluation_averages_per_image_counts_non_finite_images_and_ignores_padd
     batches = [(x_in[:4], target[:4], mask[:4]), (x_in[4:], target[4:], mask[4:])]
     result = train.evaluate(train.make_eval_step(m, hp, strategy), batches)
     assert result['images'] == 5 and result['nonfinite'] == 1
-    per_image = np.concatenate([m.losses_per_image(x, t, seed=tf.constant([hp.seed, -1]))['elbo'].numpy()
-                                for x, t, _ in batches])
+    # Batch i draws its noise from seed [seed, -1 - i] (fresh per batch).
+    per_image = np.concatenate([m.losses_per_image(x, t, seed=tf.constant([hp.seed, -1 - i]))['elbo'].numpy()
+                                for i, (x, t, _) in enumerate(batches)])
     expected = per_image[[0, 1, 3, 4, 5]].mean()
     assert result['elbo'] == pytest.approx(expected, rel=1e-5)
     assert result['bits_per_dim'] == pytest.approx(expected / np.log(2), rel=1e-5)

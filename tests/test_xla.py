@@ -35,6 +35,13 @@ def _hash_normal(shape, seed, rows=None):
     """Unit-variance noise with the row semantics of model._normal."""
     if rows is None:
         return (_hash_uniform(shape, seed) - 0.5) * 12. ** 0.5
+    if len(rows) == 3:
+        offset, total, copies = rows
+        n = shape[0] // copies
+        full = _hash_normal(tf.concat([[copies, total], shape[1:]], 0), seed)
+        part = tf.slice(full, tf.concat([[0, offset], tf.zeros_like(shape[1:])], 0),
+                        tf.concat([[copies, n], shape[1:]], 0))
+        return tf.reshape(part, shape)
     offset, total = rows
     full = _hash_normal(tf.concat([[total], shape[1:]], 0), seed)
     return tf.slice(full, tf.concat([[offset], tf.zeros_like(shape[1:])], 0), shape)
@@ -112,8 +119,9 @@ def test_eval_steps_compile_as_xla_and_match_the_graph(same_noise, tiny_model):
     mask = np.array([1.] * 6 + [0.] * 2, np.float32)
     for make in (lambda jit: train.make_eval_step(tiny_model, hp, strategy, jit),
                  lambda jit: train.make_iw_eval_step(tiny_model, hp, strategy, 4, jit)):
-        plain, xla = ({k: float(v) for k, v in make(jit)(x_in, target, mask).items()} for jit in (False, True))
-        hlo = make(True).replica_step.experimental_get_compiler_ir(x_in, target, mask)(stage='hlo')
+        plain, xla = ({k: float(v) for k, v in make(jit)(x_in, target, mask, batch=3).items()}
+                      for jit in (False, True))
+        hlo = make(True).replica_step.experimental_get_compiler_ir(x_in, target, mask, tf.constant(3))(stage='hlo')
         assert hlo.count(' convolution(') > 20
         assert plain['images'] == xla['images'] == 5 and plain['nonfinite'] == xla['nonfinite'] == 1
         for k in plain:
