@@ -46,7 +46,7 @@ class HParams:
     warmup_iters: int = 100
     ema_rate: float = 0.9999
     grad_clip: float = 200.0
-    skip_threshold: float = 400.0
+    skip_threshold: float = 400.0    # -1: never skip on the gradient norm (the official convention)
     batch_size: int = 16             # per replica
     steps: int = 10_000_000          # training updates (the paper trained until converged)
     seed: int = 0
@@ -169,8 +169,11 @@ def validate(hp):
         v = getattr(hp, f.name)
         if f.type in ('float', float) and not math.isfinite(v):
             raise HParamsError(f'{f.name}={v} must be a finite number')
-        if f.type in ('int', 'float', int, float) and f.name != 'seed' and v < 0:
+        if f.type in ('int', 'float', int, float) and f.name not in ('seed', 'skip_threshold') and v < 0:
             raise HParamsError(f'{f.name}={v} must not be negative')
+    if hp.skip_threshold <= 0 and hp.skip_threshold != -1:
+        raise HParamsError(f'skip_threshold={hp.skip_threshold} must be positive, or -1: never skip on '
+                           'the gradient norm (non-finite steps are still skipped)')
     for name in ('image_size', 'width', 'zdim', 'num_mixtures', 'batch_size', 'image_channels', 'steps'):
         if getattr(hp, name) < 1:
             raise HParamsError(f'{name}={getattr(hp, name)} must be at least 1')

@@ -4,8 +4,9 @@
 
 The update rule (paper section 4, official release): AdamW with linear warm-up; the global
 gradient norm from the all-reduced gradients; clip to `grad_clip`; skip the whole update
-(weights, Adam moments and Adam's step counter) when that norm is >= `skip_threshold` or the
-loss is not finite on any replica; an EMA of the weights updated only on applied steps.
+(weights, Adam moments and Adam's step counter) when that norm is >= `skip_threshold` (unless
+it is -1) or the loss is not finite on any replica; an EMA of the weights updated only on
+applied steps.
 """
 import dataclasses
 import json
@@ -233,8 +234,9 @@ def _replica_step(state, hp, strategy):
         sums = ctx.all_reduce(tf.distribute.ReduceOp.SUM, {k: tf.reduce_sum(v) for k, v in stats.items()})
         means = {k: v / global_batch for k, v in sums.items()}
         grad_norm = tf.linalg.global_norm(grads)
-        skip = tf.logical_or(tf.logical_not(tf.math.is_finite(grad_norm) & tf.math.is_finite(means['elbo'])),
-                             grad_norm >= hp.skip_threshold)
+        skip = tf.logical_not(tf.math.is_finite(grad_norm) & tf.math.is_finite(means['elbo']))
+        if hp.skip_threshold != -1:       # -1: never on the norm (the official convention)
+            skip = skip | (grad_norm >= hp.skip_threshold)
         clip = tf.minimum(1., hp.grad_clip / (grad_norm + 1e-6))
         grads = [g * clip for g in grads]
         ctx.merge_call(apply_update, args=(grads, skip))

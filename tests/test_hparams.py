@@ -38,6 +38,8 @@ def test_parse_blocks():
     (dict(custom_width_str='32-128'), ["cannot parse '32-128'"]),
     (dict(width=0), ['width=0']),
     (dict(ema_rate=1.5), ['ema_rate']),
+    (dict(skip_threshold=0.), ['skip_threshold=0.0 must be positive, or -1']),
+    (dict(skip_threshold=-2.), ['skip_threshold=-2.0 must be positive, or -1']),
 ])
 def test_values_that_cannot_work_fail_with_one_clear_message(overrides, words):
     with pytest.raises(HParamsError) as e:

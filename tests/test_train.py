@@ -111,6 +111,20 @@ def test_a_bad_step_is_skipped_by_every_replica_and_touches_nothing(fault):
         np.testing.assert_array_equal(copies[0].numpy(), copies[1].numpy())
 
 
+def test_skip_threshold_minus_one_never_skips_on_the_norm_but_still_skips_non_finite_steps():
+    hp = hparams.load('tiny', warmup_iters=1, skip_threshold=-1)
+    keras.utils.set_random_seed(0)
+    state = train.create_state(hp, tf.distribute.get_strategy())
+    step = train.make_train_step(state, hp, tf.distribute.get_strategy())
+    assert float(step(*_batch(seed=1))['skipped']) == 0            # a norm >= -1 is not a skip
+    before = _snapshot(state)['weights']
+    x_in, target = _batch(seed=2)
+    x_in[0] = np.nan
+    assert float(step(x_in, target)['skipped']) == 1
+    for a, b in zip(before, _snapshot(state)['weights']):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_ema_follows_the_applied_weights():
     hp = hparams.load('tiny', warmup_iters=1, ema_rate=0.9)
     strategy = tf.distribute.get_strategy()
