@@ -146,7 +146,7 @@ class Preemption:
             signal.raise_signal(signum)
             return
         self.requested = signal.Signals(signum).name
-        print(f'\n{self.requested}: saving a checkpoint at the end of this call, then stopping '
+        print(f'{hparams.fresh_line()}{self.requested}: saving a checkpoint at the end of this call, then stopping '
               '(send it again to stop at once)', file=sys.stderr, flush=True)
 
     def restore(self):

@@ -280,21 +280,33 @@ def tpu_present():
     return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*') or os.environ.get('TPU_NAME'))
 
 
-def progress(label, done, total, t0):
-    """One console line, redrawn in place: a bar, the rate and the time left."""
+def progress(label, done, total, t0, every=0.):
+    """A bar, the rate and the time left. On a terminal one line, redrawn in place; elsewhere
+    (a log file, nohup, a notebook) whole lines: at most one per `every` seconds, and the last."""
     rate = done / max(time.time() - t0, 1e-9)
     eta = (total - done) / max(rate, 1e-9)
     bar = '#' * int(30 * done / max(total, 1))
-    end = '\n' if done >= total else ''
-    print(f'\r{label} [{bar:<30}] {int(done)}/{int(total)} {rate:.1f}/s eta {eta / 60:.1f} min',
-          end=end, file=sys.stderr, flush=True)
-    _line_open[0] = not end
+    line = f'{label} [{bar:<30}] {int(done)}/{int(total)} {rate:.1f}/s eta {eta / 60:.1f} min'
+    if sys.stderr.isatty():
+        end = '\n' if done >= total else ''
+        print('\r' + line, end=end, file=sys.stderr, flush=True)
+        _line_open[0] = not end
+    elif done >= total or time.time() - _last_line[0] >= every:
+        print(line, file=sys.stderr, flush=True)
+        _last_line[0] = time.time()
 
 
 _line_open = [False]      # a progress line waits for its end: an error starts on a line of its own
+_last_line = [0.]
+
+
+def fresh_line():
+    """'\n' if a progress line is open on the terminal (what is printed next starts below it)."""
+    was_open, _line_open[0] = _line_open[0], False
+    return '\n' if was_open else ''
 
 
 def fail(message):
     """The one-line error our scripts end with: no traceback, exit status 2."""
-    print(f'{chr(10) if _line_open[0] else ""}error: {message}', file=sys.stderr)
+    print(f'{fresh_line()}error: {message}', file=sys.stderr)
     sys.exit(2)

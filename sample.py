@@ -23,11 +23,12 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 import tensorflow as tf
 
 import checkpoints
 import data
+from figures import _font, grid, labelled, line_plot, titled, write_png
 import hparams
 import model as vdvae
 
@@ -203,7 +204,7 @@ def generate(sampler, n, temperature, seed, batch, timings=None):
         if timings is not None:
             timings.append((len(out[-1]), time.time() - t0))
         if n > batch:
-            hparams.progress('sampling', start + len(out[-1]), n, start_time)
+            hparams.progress('sampling', start + len(out[-1]), n, start_time, every=30.)
     return np.concatenate(out)
 
 
@@ -233,13 +234,14 @@ def rate_per_layer(model, x_in, batch, seed=0):
     for i in range(0, len(x_in), batch):
         rates.append(graph(x_in[i:i + batch], tf.constant([seed, i], tf.int32)).numpy())
         if len(x_in) > batch:
-            hparams.progress('rate per layer', i + len(rates[-1]), len(x_in), t0)
+            hparams.progress('rate per layer', i + len(rates[-1]), len(x_in), t0, every=30.)
     return np.concatenate(rates).mean(0) / math.log(2)
 
 
-def sample_grid(model, x_in, target, temperatures=(1.0, 0.9, 0.8), seed=0):
+def sample_grid(model, x_in, target, temperatures=(1.0, 0.9, 0.8), seed=0, title=None):
     """The training preview. Rows: data; reconstructions from the first 1, L/4, L/2 and L
-    posterior latents (the rest at temperature 0.1); samples at each temperature."""
+    posterior latents (the rest at temperature 0.1); samples at each temperature. `title`: a
+    line above it."""
     keep = sorted({1, model.num_layers // 4, model.num_layers // 2, model.num_layers} - {0})
     # The data row rounds: to_uint8 truncates like the official sampler, which would turn
     # 66 / 127.5 - 1 back into 65.
@@ -249,119 +251,8 @@ def sample_grid(model, x_in, target, temperatures=(1.0, 0.9, 0.8), seed=0):
     share = latent_share(model)
     labels = ['data'] + [f'k={k} ({100 * share[k - 1]:.3g}%)' for k in keep] + [f't={t}' for t in temperatures]
     size = model.hp.image_size
-    return labelled(grid(np.stack(rows)), left=labels, cell=(size, size), scale=max(1, 64 // size))
-
-
-# ---------------------------------------------------------------------------------------
-# Pictures: grids with labels, and line plots, drawn with PIL alone.
-
-
-def grid(rows):
-    """(rows, cols, H, W, 3) uint8 -> one image with a 1-pixel gap."""
-    r, c, h, w, _ = rows.shape
-    out = np.full((r * (h + 1) - 1, c * (w + 1) - 1, 3), 255, np.uint8)
-    for i in range(r):
-        for j in range(c):
-            out[i * (h + 1):i * (h + 1) + h, j * (w + 1):j * (w + 1) + w] = rows[i, j]
-    return out
-
-
-def save_png(image, path):
-    """Written whole, then renamed (a reader never sees half a file); gs:// paths too."""
-    tf.io.gfile.makedirs(os.path.dirname(path) or '.')
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format='PNG')
-    try:
-        with tf.io.gfile.GFile(path + '.tmp.png', 'wb') as f:
-            f.write(buffer.getvalue())
-        tf.io.gfile.rename(path + '.tmp.png', path, overwrite=True)
-    except BaseException:         # a full disk: no half-written file is left behind
-        if tf.io.gfile.exists(path + '.tmp.png'):
-            tf.io.gfile.remove(path + '.tmp.png')
-        raise
-
-
-def write_png(image, path):
-    """save_png for the command line: a failed write is one error line."""
-    with checkpoints.writing(path, 'the picture'):
-        save_png(image, path)
-
-
-def _font(size=12):
-    return ImageFont.load_default(size=size)
-
-
-def labelled(image, top=(), left=(), cell=None, scale=1):
-    """Upscale a grid by `scale` and write a label above each column / beside each row."""
-    img = Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
-    font = _font()
-    lh = 14 * max((len(str(t).split('\n')) for t in top), default=0)
-    lw = max((int(font.getlength(str(t))) + 8 for t in left), default=0)
-    out = Image.new('RGB', (img.width + lw, img.height + lh), 'white')
-    out.paste(img, (lw, lh))
-    draw = ImageDraw.Draw(out)
-    ch, cw = (cell[0] + 1) * scale, (cell[1] + 1) * scale
-    for j, text in enumerate(top):
-        draw.multiline_text((lw + j * cw + 2, 1), str(text), fill='black', font=font, spacing=2)
-    for i, text in enumerate(left):
-        draw.text((2, lh + i * ch + ch // 2 - 7), str(text), fill='black', font=font)
-    return np.asarray(out)
-
-
-def _nice_ceiling(v):
-    """The smallest of 1, 2, 2.5, 5 x 10^k that is >= v: round axis ends."""
-    if v <= 0:
-        return 1.
-    base = 10. ** math.floor(math.log10(v))
-    return next(m * base for m in (1, 2, 2.5, 5, 10) if m * base >= v * (1 - 1e-9))
-
-
-def line_plot(draw, box, xs, ys, title, xlabel, ylabel, xticks, marks=(), ymax=None):
-    """A line through (xs, ys) in box=(left, top, right, bottom); xticks [(x, label)];
-    marks [(x, label)] become dotted vertical lines."""
-    left, top, right, bottom = box
-    font = _font()
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y1 = ymax or _nice_ceiling(max(ys))
-    px = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
-    py = lambda y: bottom - y / y1 * (bottom - top)
-    draw.rectangle(box, outline='black')
-    for x, label in marks:
-        for y in range(int(top), int(bottom), 6):
-            draw.line([(px(x), y), (px(x), y + 2)], fill=(150, 150, 150))
-        draw.text((px(x) + 2, top + 2), label, fill=(110, 110, 110), font=font)
-    for k in range(5):
-        y = y1 * k / 4
-        draw.line([(left - 4, py(y)), (left, py(y))], fill='black')
-        draw.text((left - 6, py(y)), f'{y:.3g}', fill='black', font=font, anchor='rm')
-    for x, label in xticks:
-        draw.line([(px(x), bottom), (px(x), bottom + 4)], fill='black')
-        draw.text((px(x), bottom + 6), str(label), fill='black', font=font, anchor='mt')
-    draw.line([(px(x), py(y)) for x, y in zip(xs, ys)], fill=(31, 90, 180), width=2)
-    for x, y in zip(xs, ys):
-        draw.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=(31, 90, 180))
-    draw.text(((left + right) / 2, top - 22), title, fill='black', font=_font(14), anchor='mb')
-    draw.text(((left + right) / 2, bottom + 24), xlabel, fill='black', font=font, anchor='mt')
-    draw.text((left, top - 4), ylabel, fill='black', font=font, anchor='lb')
-
-
-def training_curve(log_lines):
-    """log.jsonl's lines -> two panels: training bits/dim at each log line, and validation
-    bits/dim (EMA weights) at each evaluation."""
-    records = [json.loads(line) for line in log_lines if line.strip()]
-    img = Image.new('RGB', (1180, 430), 'white')
-    draw = ImageDraw.Draw(img)
-    for kind, box, title in (('train', (90, 50, 620, 360), 'training (bits/dim at each log line)'),
-                             ('valid', (690, 50, 1150, 360), 'validation (EMA weights)')):
-        points = [(r['step'], r['bits_per_dim']) for r in records
-                  if r.get('kind') == kind and math.isfinite(r.get('bits_per_dim', math.nan))]
-        if not points:
-            draw.text(((box[0] + box[2]) / 2, 200), f'no {kind} values yet', fill='black', font=_font(), anchor='mm')
-            continue
-        steps, bits = zip(*points)
-        ticks = sorted({int(t) for t in np.linspace(min(steps), max(steps), 5)})
-        line_plot(draw, box, steps, bits, title, 'step', 'bits/dim', [(t, t) for t in ticks])
-    return np.asarray(img)
+    image = labelled(grid(np.stack(rows)), left=labels, cell=(size, size), scale=max(1, 64 // size))
+    return titled(image, title) if title else image
 
 
 def stats_figure(model, bits):

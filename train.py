@@ -23,6 +23,7 @@ import tensorflow as tf
 
 import checkpoints
 import data
+import figures
 import hparams
 import model as vdvae
 import sample
@@ -260,8 +261,8 @@ def make_train_step(state, hp, strategy, jit_compile=False):
 def make_train_loop(state, hp, strategy, jit_compile=False):
     """A tf.function (iterator, n) -> n updates in one call, so that a TPU does not wait for
     the host between steps. Returns the mean of each value over the call's steps whose loss
-    and gradient norm are finite, the largest finite gradient norm (grad_norm_max) and the
-    number of skipped updates (skipped). jit_compile: each update is one XLA program, as on a
+    and gradient norm are finite, the largest finite gradient norm (grad_norm_max), the
+    number of skipped updates (skipped) and of finite steps (finite). jit_compile: each update is one XLA program, as on a
     TPU; the loop and the input stay on the host."""
     replica_step = _compiled(_replica_step(state, hp, strategy), strategy, jit_compile)
     keys = ('elbo', 'distortion', 'rate', 'grad_norm')
@@ -280,7 +281,7 @@ def make_train_loop(state, hp, strategy, jit_compile=False):
         _, sums, finite, top, skipped = tf.while_loop(
             lambda i, *_: i < n, body, (tf.constant(0), {k: zero for k in keys}, zero, zero, zero))
         means = {k: tf.where(finite > 0, v / tf.maximum(finite, 1.), float('nan')) for k, v in sums.items()}
-        return dict(means, grad_norm_max=top, skipped=skipped)
+        return dict(means, grad_norm_max=top, skipped=skipped, finite=finite)
 
     train_steps.replica_step = replica_step      # what a TPU compiles (the tests read its HLO)
     return train_steps
@@ -366,12 +367,20 @@ def evaluate(eval_step, dataset, total=None, label='eval', stop=None):
             for k, v in eval_step(*batch, batch=i).items():
                 sums[k] = sums.get(k, 0.) + float(v)
             if total:
-                hparams.progress(label, sums['images'] + sums['nonfinite'], total, t0)
+                hparams.progress(label, sums['images'] + sums['nonfinite'], total, t0, every=30.)
     n = max(sums.get('images', 0.), 1.)
     out = {k: sums.get(k, 0.) / n for k in ('elbo', 'distortion', 'rate') if k in sums}
     out.update(bits_per_dim=out['elbo'] / math.log(2), images=int(sums.get('images', 0)),
                nonfinite=int(sums.get('nonfinite', 0)))
     return out
+
+
+def preview_images(hp, data_dir=None):
+    """(x_in, target) of the preview grids: eight validation images spread over the split
+    (splits may be sorted, e.g. by label)."""
+    n_valid = data.split_size(hp.dataset, 'valid', hp.image_size, data_dir)
+    images = data.load_split(hp.dataset, 'valid', hp.image_size, data_dir)
+    return data.preprocess(next(iter(images.shard(max(n_valid // 8, 1), 0).batch(8))), hp)
 
 
 def copy_ema(state, eval_model):
@@ -380,27 +389,62 @@ def copy_ema(state, eval_model):
 
 
 # ---------------------------------------------------------------------------------------
-# What people look at: log.jsonl and TensorBoard (progress lines: hparams.py; grids: sample.py).
+# What people look at: log.jsonl, TensorBoard, figures (progress lines: hparams.py; grids:
+# sample.py; drawing: figures.py).
+
+
+def interval_add(interval, out):
+    """Adds one call of the training loop to the sums of a logging interval (a dict, empty at
+    its start): the official code logs per interval the means over its finite steps, the
+    largest gradient norm and the skips, not the last step's values."""
+    finite = float(out['finite'])
+    for k in ('elbo', 'distortion', 'rate', 'grad_norm'):
+        interval[k] = interval.get(k, 0.) + (float(out[k]) * finite if finite else 0.)
+    interval['finite'] = interval.get('finite', 0.) + finite
+    interval['grad_norm_max'] = max(interval.get('grad_norm_max', 0.), float(out['grad_norm_max']))
+    interval['skipped'] = interval.get('skipped', 0.) + float(out['skipped'])
+    return interval
+
+
+def interval_means(interval, steps):
+    """What a log line reports of an interval of `steps` updates: elbo, distortion, rate and
+    grad_norm averaged over its finite steps (NaN if none was), grad_norm_max, the skipped
+    updates and the non-finite steps in it."""
+    finite = interval['finite']
+    out = {k: interval[k] / finite if finite else float('nan') for k in ('elbo', 'distortion', 'rate', 'grad_norm')}
+    return dict(out, grad_norm_max=interval['grad_norm_max'], skipped=int(interval['skipped']),
+                nonfinite=int(steps - finite))
 
 
 class Log:
-    """One JSON object per line in log.jsonl, the same scalars in TensorBoard, and curve.png.
-    A write that fails stops the run in one line; `kept()` says which checkpoint is left."""
+    """One JSON object per line in log.jsonl, the same scalars in TensorBoard (and the preview
+    grids as images), curve.png and grad_norm.png. A write that fails stops the run in one
+    line; `kept()` says which checkpoint is left."""
 
-    def __init__(self, logdir, kept):
-        self.path, self.kept = os.path.join(logdir, 'log.jsonl'), kept
+    def __init__(self, logdir, kept, skip_threshold):
+        self.path, self.kept, self.skip_threshold = os.path.join(logdir, 'log.jsonl'), kept, skip_threshold
         self.tb_dir = os.path.join(logdir, 'tb')
         with checkpoints.writing(self.tb_dir, 'TensorBoard events', kept()):
             self.file = tf.io.gfile.GFile(self.path, 'a')
             self.tb = tf.summary.create_file_writer(self.tb_dir)
 
     def write_curve(self):
-        """<logdir>/curve.png: bits/dim of training and validation so far."""
+        """<logdir>/curve.png (bits/dim of training and validation so far) and grad_norm.png
+        (figure 6: the largest gradient norm per log interval and the skip threshold)."""
         with tf.io.gfile.GFile(self.path) as f:
             lines = f.readlines()
-        path = os.path.join(os.path.dirname(self.path), 'curve.png')
-        with checkpoints.writing(path, 'the training curve', self.kept()):
-            sample.save_png(sample.training_curve(lines), path)
+        folder = os.path.dirname(self.path)
+        for name, what, picture in (('curve.png', 'the training curve', figures.training_curve(lines)),
+                                    ('grad_norm.png', 'the gradient norm figure',
+                                     figures.grad_norm_figure(lines, self.skip_threshold))):
+            with checkpoints.writing(os.path.join(folder, name), what, self.kept()):
+                figures.save_png(picture, os.path.join(folder, name))
+
+    def write_image(self, step, name, image):
+        with checkpoints.writing(self.tb_dir, 'TensorBoard events', self.kept()):
+            with self.tb.as_default(step=int(step)):
+                tf.summary.image(name, image[None])
+            self.tb.flush()
 
     def write(self, step, kind, values):
         with checkpoints.writing(self.path, 'the log', self.kept()):
@@ -548,10 +592,12 @@ def run(_):
           f'{hp.batch_size * replicas} per step, {strategy.__class__.__name__}, logdir {logdir}')
 
     state = create_state(hp, strategy, loss_scale=2. ** 15 if FLAGS.precision == 'mixed_float16' else 1.)
-    if FLAGS.eval_every:
+    # The EMA weights, for evaluation and the preview grids (what sample.py and --test_eval use).
+    if FLAGS.eval_every or FLAGS.samples_every:
         with strategy.scope():
-            eval_model = vdvae.VDVAE(hp)
-        eval_step = make_eval_step(eval_model, hp, strategy, FLAGS.jit_compile)
+            ema_model = vdvae.VDVAE(hp)
+    if FLAGS.eval_every:
+        eval_step = make_eval_step(ema_model, hp, strategy, FLAGS.jit_compile)
     # The input iterator (position and shuffle state) is saved with the model where the
     # strategy allows it; elsewhere (multi-worker) the input restarts at the saved step.
     train_iter = iter(train_data)
@@ -581,11 +627,8 @@ def run(_):
     per_call = FLAGS.steps_per_call or (FLAGS.log_every if isinstance(strategy, tf.distribute.TPUStrategy) else 1)
     events = [e for e in (FLAGS.log_every, FLAGS.save_every, FLAGS.samples_every, FLAGS.eval_every) if e > 0]
     kept = lambda: f'; the last complete checkpoint ({manager.latest_checkpoint or "none yet"}) is as it was'
-    log = Log(logdir, kept) if chief else None
-    # Eight validation images spread over the split (splits may be sorted, e.g. by label).
-    n_valid = data.split_size(hp.dataset, 'valid', hp.image_size, FLAGS.data_dir)
-    preview = data.load_split(hp.dataset, 'valid', hp.image_size, FLAGS.data_dir)
-    preview = data.preprocess(next(iter(preview.shard(max(n_valid // 8, 1), 0).batch(8))), hp)
+    log = Log(logdir, kept, hp.skip_threshold) if chief else None
+    preview = preview_images(hp, FLAGS.data_dir)
 
     saved = {}                  # the last save: {step: path}
 
@@ -606,28 +649,30 @@ def run(_):
     multiworker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     stopping = lambda: preemption.requested is not None and not multiworker
     step, t0, t_log = int(state.step.numpy()), time.time(), time.time()
-    start = step
+    start = logged = step
+    interval = {}               # sums since the last log line (interval_add)
     while step < hp.steps:
         if stop_requested(strategy, preemption):
             path = saved.get(step) or save()
-            print(f'\n{preemption.requested or "a signal to another worker"}: stopped at step {step} '
+            print(f'{hparams.fresh_line()}{preemption.requested or "a signal to another worker"}: stopped at step {step} '
                   f'with a checkpoint ({path}); the same command resumes')
             return
         n = min([per_call, hp.steps - step] + [e - step % e for e in events])
         with data.clear_errors():
-            out = train_steps(train_iter, tf.constant(n))
+            interval_add(interval, train_steps(train_iter, tf.constant(n)))
         step += n
         if step % FLAGS.log_every == 0 or step == hp.steps:
-            values = {k: float(v) for k, v in out.items()}
+            values = interval_means(interval, step - logged)
             values.update(bits_per_dim=values['elbo'] / math.log(2), lr=float(state.optimizer.learning_rate),
                           skipped_total=int(state.skipped.numpy()),
-                          images_per_s=FLAGS.log_every * hp.batch_size * replicas / (time.time() - t_log))
+                          images_per_s=(step - logged) * hp.batch_size * replicas / (time.time() - t_log))
             if log:
                 log.write(step, 'train', values)
-            t_log = time.time()
+            t_log, logged, interval = time.time(), step, {}
             hparams.progress(f'step {step} elbo {values["elbo"]:.4f} ({values["bits_per_dim"]:.3f} bpd) '
-                     f'|g| {values["grad_norm"]:.1f} skipped {values["skipped_total"]}',
-                     step - start, hp.steps - start, t0)
+                             f'|g| {values["grad_norm"]:.1f} max {values["grad_norm_max"]:.1f} '
+                             f'skipped {values["skipped"]} ({values["skipped_total"]} in all)',
+                             step - start, hp.steps - start, t0)
         if int(state.skips_in_a_row.numpy()) > FLAGS.max_skips_in_a_row:
             path = save()       # skipped updates changed nothing: this is the last good state
             hparams.fail(f'{int(state.skips_in_a_row.numpy())} updates in a row were skipped (gradient '
@@ -637,18 +682,20 @@ def run(_):
         if step % FLAGS.save_every == 0 or step == hp.steps:
             save()
         if chief and FLAGS.samples_every and (step % FLAGS.samples_every == 0 or step == hp.steps):
-            grid = sample.sample_grid(state.model, *preview, seed=step)
+            copy_ema(state, ema_model)
+            grid = sample.sample_grid(ema_model, *preview, seed=step, title=f'step {step}, EMA weights')
             path = os.path.join(logdir, 'samples', f'step-{step:08d}.png')
             with checkpoints.writing(path, 'the sample grid', kept()):
-                sample.save_png(grid, path)
+                figures.save_png(grid, path)
+            log.write_image(step, 'preview (EMA weights)', grid)
         if FLAGS.eval_every and (step % FLAGS.eval_every == 0 or step == hp.steps):
-            copy_ema(state, eval_model)
+            copy_ema(state, ema_model)
             result = evaluate(eval_step, data.eval_dataset(hp, 'valid', strategy, FLAGS.data_dir), stop=stopping)
             if result is None:
                 continue         # preempted: the top of the loop saves and stops
             if log:
                 log.write(step, 'valid', result)
-            print(f'\nvalid at step {step}: {result["elbo"]:.4f} nats/dim, '
+            print(f'{hparams.fresh_line()}valid at step {step}: {result["elbo"]:.4f} nats/dim, '
                   f'{result["bits_per_dim"]:.4f} bits/dim ({result["images"]} images, '
                   f'{result["nonfinite"]} non-finite)')
         if log and (step == hp.steps or any(e and step % e == 0 for e in (FLAGS.samples_every, FLAGS.eval_every))):

@@ -77,3 +77,21 @@ def test_a_script_reports_a_bad_preset_in_one_line():
     assert errors == ["error: unknown preset 'cifar100'; choose one of: "
                       "cifar10, imagenet32, imagenet64, ffhq256, ffhq1024, tiny, demo"]
     assert 'Traceback' not in r.stderr
+
+
+def test_progress_redraws_one_line_on_a_terminal_and_prints_whole_lines_elsewhere(monkeypatch, capsys):
+    import time
+    t0 = time.time()
+    for done in (1, 2, 3):
+        hparams.progress('eval', done, 3, t0)
+    lines = capsys.readouterr().err
+    assert '\r' not in lines and len(lines.splitlines()) == 3 and lines.splitlines()[-1].startswith('eval [')
+    for done in (1, 2, 3):
+        hparams.progress('eval', done, 3, t0, every=60.)          # at most one a minute, and the last
+    assert len(capsys.readouterr().err.splitlines()) == 1
+    monkeypatch.setattr(sys.stderr, 'isatty', lambda: True)
+    hparams.progress('eval', 1, 3, t0)
+    assert hparams.fresh_line() == '\n' and hparams.fresh_line() == ''
+    hparams.progress('eval', 3, 3, t0)
+    err = capsys.readouterr().err
+    assert err.count('\r') == 2 and err.endswith('\n') and hparams.fresh_line() == ''

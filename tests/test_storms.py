@@ -35,13 +35,24 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def test_a_spike_storm_on_one_replica_below_the_guard_is_skipped_and_training_goes_on(tmp_path):
-    """Updates 3 to 8 see 1e9 times the gradient on the second of two replicas: all six are
-    skipped (the all-reduced norm is huge on both), counted, and change nothing; the guard
-    (6 in a row allowed) stays silent; the updates after the storm train again."""
-    logdir = str(tmp_path / 'run')
-    r = _storm(logdir, '3:8', 'huge', '--steps=12', '--save_every=3', '--max_skips_in_a_row=6', replica=1)
+BELOW_GUARD = ('3:8', 'huge', '--steps=12', '--save_every=3', '--max_skips_in_a_row=6')
+
+
+@pytest.fixture(scope='module')
+def below_guard(tmp_path_factory):
+    """Updates 3 to 8 see 1e9 times the gradient on the second of two replicas; a log line
+    per step."""
+    logdir = str(tmp_path_factory.mktemp('storm') / 'run')
+    r = _storm(logdir, *BELOW_GUARD, replica=1)
     assert r.returncode == 0 and 'done: 12 steps' in r.stdout, r.stderr[-2000:]
+    return logdir, r
+
+
+def test_a_spike_storm_on_one_replica_below_the_guard_is_skipped_and_training_goes_on(below_guard):
+    """All six updates of the storm are skipped (the all-reduced norm is huge on both
+    replicas), counted, and change nothing; the guard (6 in a row allowed) stays silent; the
+    updates after the storm train again."""
+    logdir, r = below_guard
     assert 'error:' not in r.stderr and 'stalled' not in r.stderr
     log = _log(logdir)
     assert [s['skipped'] for s in log] == [0] * 3 + [1] * 6 + [0] * 3
@@ -55,6 +66,37 @@ def test_a_spike_storm_on_one_replica_below_the_guard_is_skipped_and_training_go
     assert all(not np.array_equal(before[n], after[n]) for n in before if np.any(before[n])), \
         [n for n in before if np.array_equal(before[n], after[n])]
     checkpoints.verify(f'{logdir}/ckpt/ckpt-12')
+
+
+def test_a_log_line_reports_its_interval_and_figure_6_is_drawn(below_guard, tmp_path):
+    """The same run logged every 4 steps: each line holds the means over its interval's steps
+    (those of the per-step log), the largest gradient norm and the skips in it; whole lines
+    when stderr is not a terminal; grad_norm.png beside the grids, the EMA preview grid in
+    TensorBoard too."""
+    per_step = _log(below_guard[0])
+    logdir = str(tmp_path / 'run')
+    r = _storm(logdir, *BELOW_GUARD, '--log_every=4', '--samples_every=12', replica=1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = _log(logdir)
+    assert [l['step'] for l in lines] == [4, 8, 12]
+    for line, steps in zip(lines, (per_step[0:4], per_step[4:8], per_step[8:12])):
+        for k in ('elbo', 'distortion', 'rate', 'grad_norm'):
+            assert line[k] == pytest.approx(np.mean([s[k] for s in steps]), rel=1e-6), (line['step'], k)
+        assert line['grad_norm_max'] == pytest.approx(max(s['grad_norm'] for s in steps), rel=1e-6)
+        assert line['skipped'] == sum(s['skipped'] for s in steps) and line['nonfinite'] == 0
+    assert [l['skipped'] for l in lines] == [1, 4, 1] and lines[-1]['skipped_total'] == 6
+    assert '\r' not in r.stderr
+    assert [l for l in r.stderr.splitlines() if l.startswith('step ')][0].startswith('step 4 elbo')
+    assert os.path.isfile(f'{logdir}/grad_norm.png') and os.path.isfile(f'{logdir}/samples/step-00000012.png')
+    # The preview is the grid of the EMA weights (sample.py's), not of the raw ones.
+    import sample
+    from PIL import Image
+    ema, hp, *_ = sample.load(f'{logdir}/ckpt/ckpt-12')
+    expected = sample.sample_grid(ema, *train.preview_images(hp), seed=12, title='step 12, EMA weights')
+    np.testing.assert_array_equal(np.asarray(Image.open(f'{logdir}/samples/step-00000012.png')), expected)
+    events = tf.io.gfile.glob(f'{logdir}/tb/events.*')
+    tags = {v.tag for e in events for event in tf.compat.v1.train.summary_iterator(e) for v in event.summary.value}
+    assert 'preview (EMA weights)' in tags and 'train/grad_norm_max' in tags, tags
 
 
 @pytest.mark.parametrize('kind', ['huge', 'nan'])
@@ -150,3 +192,19 @@ def test_a_storm_of_non_finite_steps_is_skipped_and_training_recovers(storm):
     assert checkpoints.nonfinite(state) == []
     assert all(not np.array_equal(a, v.numpy()) for a, v in zip(initial, state.model.weights)
                if np.any(a))                      # every non-zero weight kept training
+
+
+def test_figure_6_marks_skipped_intervals_and_draws_the_threshold_where_it_is():
+    import figures
+
+    def lines(skips):
+        return [json.dumps(dict(step=10 * i, kind='train', grad_norm_max=g, skipped=s))
+                for i, (g, s) in enumerate(zip([50., 80., 2e4, 60.], skips), 1)]
+    red = lambda image: np.all(image == figures.SKIPPED_COLOUR, axis=-1).sum()
+    calm, stormy = figures.grad_norm_figure(lines([0] * 4), 400.), figures.grad_norm_figure(lines([0, 0, 3, 0]), 400.)
+    assert red(calm) == 0 and red(stormy) > 20
+    higher = figures.grad_norm_figure(lines([0] * 4), 4000.)
+    assert calm.shape == higher.shape and (calm != higher).any()
+    never = figures.grad_norm_figure(lines([0] * 4), -1)
+    assert (never != calm).any()
+    assert figures.grad_norm_figure([], 400.).shape == calm.shape      # before the first log line
