@@ -128,6 +128,26 @@ class TrainState:
             loss_scale=self.loss_scale, applied_in_a_row=self.applied_in_a_row, **extra)
 
 
+class AdamW(keras.optimizers.AdamW):
+    """Keras' AdamW with the official code's epsilon (apex's FusedAdam, as torch.optim.AdamW):
+    added to the bias-corrected root sqrt(v / (1 - beta2^t)). Keras adds it to the uncorrected
+    sqrt(v), an epsilon 1/sqrt(1 - beta2^t) times larger (3.2x at the first step with the
+    paper's beta2 = 0.9), which moved weights with tiny gradients by up to 0.7 lr in 12 steps
+    (tests/test_update.py). Weight decay is Keras' own, decoupled, as the official code's."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        dtype = variable.dtype
+        lr, gradient = tf.cast(learning_rate, dtype), tf.cast(gradient, dtype)
+        t = tf.cast(self.iterations + 1, dtype)
+        m = self._momentums[self._get_variable_index(variable)]
+        v = self._velocities[self._get_variable_index(variable)]
+        self.assign_add(m, (gradient - m) * (1. - self.beta_1))
+        self.assign_add(v, (tf.square(gradient) - v) * (1. - self.beta_2))
+        m_hat = m / (1. - tf.pow(tf.cast(self.beta_1, dtype), t))
+        v_hat = v / (1. - tf.pow(tf.cast(self.beta_2, dtype), t))
+        self.assign_sub(variable, lr * m_hat / (tf.sqrt(v_hat) + self.epsilon))
+
+
 class WarmUp(keras.optimizers.schedules.LearningRateSchedule):
     """lr * min(1, step / warmup_iters), counting every step, skipped ones included (the
     official schedule), not Adam's step counter, which stops on skipped steps."""
@@ -150,7 +170,7 @@ def create_state(hp, strategy, loss_scale=1.):
     with strategy.scope():
         model = vdvae.VDVAE(hp)
         step = _counter('step')
-        optimizer = keras.optimizers.AdamW(
+        optimizer = AdamW(
             WarmUp(hp.lr, hp.warmup_iters, step), beta_1=hp.adam_beta1, beta_2=hp.adam_beta2,
             epsilon=hp.adam_eps, weight_decay=hp.weight_decay)
         optimizer.build(model.trainable_variables)      # now, or the first step traces twice
@@ -175,8 +195,12 @@ def _compiled(fn, strategy, jit_compile):
     return tf.function(fn, jit_compile=True, autograph=False)
 
 
-def _replica_step(state, hp, strategy):
-    """The update of one step, as each replica runs it: (x_in, target) -> its global means."""
+def update_rule(state, hp, strategy):
+    """The update from gradients, as each replica runs it: (grads, loss_is_finite) ->
+    (grad_norm, skip), where grads are the all-reduced global mean (the same on every
+    replica). The global norm; skip if it or the loss is not finite, or the norm is >=
+    skip_threshold (unless -1); clip to grad_clip; AdamW at the warmed-up learning rate; the
+    EMA. A skipped update changes nothing but the step and skip counters."""
     model, variables = state.model, state.model.trainable_variables
     n_replicas = strategy.num_replicas_in_sync
     dynamic_scale = float(state.loss_scale.numpy()) != 1.
@@ -215,6 +239,26 @@ def _replica_step(state, hp, strategy):
         tf.cond(skip, skip_update, update)
         state.step.assign_add(1)
 
+    def update(grads, loss_is_finite):
+        grad_norm = tf.linalg.global_norm(grads)
+        skip = tf.logical_not(tf.math.is_finite(grad_norm) & loss_is_finite)
+        if hp.skip_threshold != -1:       # -1: never on the norm (the official convention)
+            skip = skip | (grad_norm >= hp.skip_threshold)
+        clip = tf.minimum(1., hp.grad_clip / (grad_norm + 1e-6))
+        grads = [g * clip for g in grads]
+        tf.distribute.get_replica_context().merge_call(apply_update, args=(grads, skip))
+        return grad_norm, skip
+
+    return update
+
+
+def _replica_step(state, hp, strategy):
+    """The update of one step, as each replica runs it: (x_in, target) -> its global means."""
+    model, variables = state.model, state.model.trainable_variables
+    n_replicas = strategy.num_replicas_in_sync
+    dynamic_scale = float(state.loss_scale.numpy()) != 1.
+    update = update_rule(state, hp, strategy)
+
     def replica_step(x_in, target):
         ctx = tf.distribute.get_replica_context()
         # Posterior noise from (seed, step, image index in the global batch): a resumed run
@@ -234,13 +278,7 @@ def _replica_step(state, hp, strategy):
             grads = [g / scale for g in grads]
         sums = ctx.all_reduce(tf.distribute.ReduceOp.SUM, {k: tf.reduce_sum(v) for k, v in stats.items()})
         means = {k: v / global_batch for k, v in sums.items()}
-        grad_norm = tf.linalg.global_norm(grads)
-        skip = tf.logical_not(tf.math.is_finite(grad_norm) & tf.math.is_finite(means['elbo']))
-        if hp.skip_threshold != -1:       # -1: never on the norm (the official convention)
-            skip = skip | (grad_norm >= hp.skip_threshold)
-        clip = tf.minimum(1., hp.grad_clip / (grad_norm + 1e-6))
-        grads = [g * clip for g in grads]
-        ctx.merge_call(apply_update, args=(grads, skip))
+        grad_norm, skip = update(grads, tf.math.is_finite(means['elbo']))
         return dict(means, grad_norm=grad_norm, skipped=tf.cast(skip, tf.float32))
 
     return replica_step
