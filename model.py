@@ -12,6 +12,7 @@ Graph size is what makes a port of this model slow to start (see tensorflow-note
 resolution stage keeps all the weights of all its blocks in one variable (ParamStack), split
 once per call, so the cifar10 preset has 21 variables instead of ~2,800.
 """
+import functools
 import math
 import random
 
@@ -198,16 +199,22 @@ def gelu_conv(x, kernel, bias):
 def bottleneck(x, weights, residual):
     """Figure 3's residual block: GELU before each of conv 1x1, 3x3, 3x3, 1x1."""
     flat = [t for pair in weights for t in pair]
-    key = (residual, x.dtype, tuple(x.shape), tuple(tuple(t.shape) for t in flat))
+    key = (residual, x.dtype, tuple(x.shape[1:]), tuple(tuple(t.shape) for t in flat))
     if key not in _BLOCK_FUNCTIONS:
-        _BLOCK_FUNCTIONS[key] = tf.function(
-            lambda x, *w: _bottleneck(x, *w, residual=residual), autograph=False)
-    return _BLOCK_FUNCTIONS[key](x, *flat)
+        signature = [tf.TensorSpec([None, *x.shape[1:]], x.dtype)] + [tf.TensorSpec(t.shape, t.dtype) for t in flat]
+        # A partial, not a lambda: TF counts traces per code object and would call the first
+        # trace of each of these functions a retrace of one function, and warn.
+        _BLOCK_FUNCTIONS[key] = tf.function(functools.partial(_bottleneck, residual=residual),
+                                            input_signature=signature, autograph=False)
+    out = _BLOCK_FUNCTIONS[key](x, *flat)
+    out.set_shape(x.shape[:1].concatenate(out.shape[1:]))       # the batch size, known outside
+    return out
 
 
 # One traced function per block shape: the step's graph holds a call per block instead of
-# its ~30 ops, so tracing and differentiating ~250 blocks costs ~20 small traces. (One
-# tf.function per shape, not one retracing function: that one would warn on every model.)
+# its ~30 ops, so tracing and differentiating ~250 blocks costs ~20 small traces. Any batch
+# size: eager calls with new batch sizes neither retrace nor warn. (One tf.function per
+# shape, not one retracing function: that one would warn on every model.)
 _BLOCK_FUNCTIONS = {}
 
 

@@ -218,3 +218,28 @@ def test_official_checkpoint_reproduces_the_official_outputs(official_data):
     # The mean of 64 draws has standard error elbo_std / 8.
     assert abs(draws.mean() - case['elbo_mean']) < 4 * case['elbo_std'] / math.sqrt(64) + 1e-6
     assert 0.5 < draws.std() / case['elbo_std'] < 2
+
+
+def test_eager_calls_at_new_batch_sizes_neither_retrace_nor_warn():
+    """A user calling the model eagerly at several batch sizes: one trace per block shape
+    (any batch), and no tf.function retracing warning."""
+    import logging
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    tf_logger, level = tf.get_logger(), tf.get_logger().level
+    tf_logger.addHandler(handler)
+    tf_logger.setLevel(logging.WARNING)
+    try:
+        m = model.VDVAE(hparams.load('tiny', width=24))         # block shapes no other test traces
+        for b in (2, 3, 4, 5, 6, 7):
+            x = np.random.default_rng(b).random((b, 16, 16, 3), np.float32)
+            m.losses_per_image(x, x)
+            m.sample(b, 0.9)
+            if b == 2:
+                traced = len(model._BLOCK_FUNCTIONS)
+        assert len(model._BLOCK_FUNCTIONS) == traced
+    finally:
+        tf_logger.removeHandler(handler)
+        tf_logger.setLevel(level)
+    assert not [w for w in warnings if 'retracing' in w], warnings
