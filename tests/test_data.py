@@ -467,3 +467,24 @@ def test_distributed_batches_per_replica_and_exact_eval(tmp_path):
                             env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-3:] == ['ok', '15', '3']
+
+
+def test_the_official_imagenet_files_give_the_official_split(tmp_path, monkeypatch):
+    """DATA_DIR/imagenet32-train.npy and -valid.npy, as the official code reads them: valid =
+    the last HELD_OUT of np.random.seed(42); np.random.permutation(N), train = the rest, test
+    = -valid.npy."""
+    monkeypatch.setitem(data.HELD_OUT, 'imagenet32', 3)
+    train_images, test_images = numbered(12, 32), numbered(5, 32)[::-1]
+    np.save(tmp_path / 'imagenet32-train.npy', train_images)
+    np.save(tmp_path / 'imagenet32-valid.npy', test_images)
+    np.random.seed(42)                                  # the official code's own lines
+    order = np.random.permutation(12)
+    got = {s: [number(x) for x in images_of(data.load_split('imagenet32', s, 32, str(tmp_path)))]
+           for s in data.SPLITS}
+    assert sorted(got['valid']) == sorted(order[-3:]) and sorted(got['train']) == sorted(order[:-3])
+    assert got['test'] == [number(x) for x in test_images]
+    assert data.split_size('imagenet32', 'train', 32, str(tmp_path)) == 9
+    one_line_error(data.load_split, 'imagenet32', 'valid', 64, str(tmp_path), match='image_size=64')
+    np.save(tmp_path / 'imagenet32-valid.npy', numbered(2, 16))
+    data._npy.cache_clear()                            # a process reads each file once
+    one_line_error(data.load_split, 'imagenet32', 'test', 32, str(tmp_path), match='imagenet32-valid.npy')
