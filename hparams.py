@@ -225,13 +225,66 @@ def load(name, **overrides):
 
 # ---------------------------------------------------------------------------------------
 # Flags: --hparams=NAME plus one flag per field, None meaning "the preset's value".
+# What each field means, for --help (the presets' values are added there).
+MEANING = {
+    'dataset': 'data: cifar10, imagenet32, imagenet64, ffhq256, ffhq1024, mnist5k (offline digits), '
+               'folder:PATH (a folder of PNG/JPEG images) or npy:PATH (an (N, S, S, 3) uint8 .npy)',
+    'image_size': 'image side in pixels',
+    'image_channels': 'colour channels (3: the likelihood is over RGB)',
+    'low_bit': 'model 5-bit pixels (the paper\'s FFHQ-256)',
+    'width': 'channels of the residual stream (every resolution not in custom_width_str)',
+    'custom_width_str': 'other widths per resolution, RES:WIDTH,... e.g. 512:32,256:64 (empty: all use width)',
+    'zdim': 'channels of each latent z (a layer at resolution r has r*r*zdim latents)',
+    'bottleneck_multiple': 'inner width of a residual bottleneck block, as a fraction of width',
+    'num_mixtures': 'logistic components of the discretized-mixture likelihood',
+    'no_bias_above': 'the top-down path starts from a trainable state at resolutions up to this one',
+    'enc_blocks': 'encoder blocks, bottom-up: RxN = N residual blocks at resolution R, RdK = one '
+                  'block then average-pool by K, e.g. 32x11,32d2,16x6,16d2',
+    'dec_blocks': 'decoder (top-down) blocks, each a stochastic layer: RxN = N blocks at resolution '
+                  'R, RmS = one block at R that upsamples resolution S (nearest neighbour), e.g. '
+                  '1x1,4m1,4x2,8m4',
+    'lr': 'AdamW learning rate after the warm-up',
+    'adam_beta1': 'AdamW beta1',
+    'adam_beta2': 'AdamW beta2',
+    'adam_eps': 'AdamW epsilon, added to the bias-corrected sqrt(v) as the official optimizer does',
+    'weight_decay': 'AdamW decoupled weight decay',
+    'warmup_iters': 'steps of linear learning-rate warm-up (skipped steps count)',
+    'ema_rate': 'rate of the exponential moving average of the weights (what evaluation and '
+                'sampling use)',
+    'grad_clip': 'clip the global gradient norm to this',
+    'skip_threshold': 'skip the whole update when the global gradient norm is at or above this '
+                      '(-1: never on the norm; non-finite steps are always skipped)',
+    'batch_size': 'images per replica per step (the global batch is this times the replicas)',
+    'steps': 'training updates in all (a resumed run goes on to this)',
+    'seed': 'seed of the initial weights, the data order and the noise',
+}
+
+
+def _preset_values(name):
+    """'cifar10 384, imagenet32 512, ...' for a field whose presets differ, '384 in every
+    preset' where they agree; None for long strings (their syntax is in MEANING)."""
+    values = {p: getattr(hp, name) for p, hp in PRESETS.items()}
+    if any(isinstance(v, str) and len(v) > 24 for v in values.values()):
+        return None
+    if len(set(values.values())) == 1:
+        return f'{next(iter(values.values()))!r} in every preset'.replace("''", 'empty')
+    return ', '.join(f'{p} {v!r}' for p, v in values.items()).replace("''", 'empty')
+
+
 def define_flags(default='demo', flag_values=flags.FLAGS):
-    flags.DEFINE_string('hparams', default, f'preset: one of {", ".join(PRESETS)}',
-                        flag_values=flag_values)
+    # Registered as the calling script's own flags, so that its --help lists them (absl's
+    # --help shows only the main module's, which absl names by sys.argv[0]).
+    caller = sys._getframe(1).f_globals.get('__name__')
+    main = sys.argv[0] if caller == '__main__' else caller
+    flags.DEFINE_string('hparams', default, f'preset: one of {", ".join(PRESETS)} (the paper\'s five, '
+                        '`tiny`: the shape of the official test case, `demo`: MNIST digits in minutes); '
+                        'every field below overrides it', flag_values=flag_values, module_name=main)
     for f in dataclasses.fields(HParams):
         kind = {'int': flags.DEFINE_integer, 'float': flags.DEFINE_float,
                 'bool': flags.DEFINE_boolean, 'str': flags.DEFINE_string}[_typename(f)]
-        kind(f.name, None, f'override the preset\'s {f.name}', flag_values=flag_values)
+        values = _preset_values(f.name)
+        kind(f.name, None, MEANING[f.name] + (f'. Presets: {values}' if values else '') + '. Default: the preset\'s',
+             flag_values=flag_values, module_name=main)
 
 
 def _typename(field):

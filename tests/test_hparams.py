@@ -1,4 +1,5 @@
 """Presets, overrides and the start-up validation of hyperparameters."""
+import dataclasses
 import subprocess
 import sys
 import os
@@ -95,3 +96,15 @@ def test_progress_redraws_one_line_on_a_terminal_and_prints_whole_lines_elsewher
     hparams.progress('eval', 3, 3, t0)
     err = capsys.readouterr().err
     assert err.count('\r') == 2 and err.endswith('\n') and hparams.fresh_line() == ''
+
+
+def test_help_lists_every_hyperparameter_with_its_meaning_and_the_presets_values():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, 'train.py'), '--help'], capture_output=True,
+                         text=True, cwd=root).stdout
+    text = ' '.join(out.split())                           # absl wraps the lines
+    for field in hparams.MEANING:
+        assert f'--{field}: {hparams.MEANING[field]}' in text or f'--[no]{field}: {hparams.MEANING[field]}' in text, field
+    assert "Presets: cifar10 384, imagenet32 512, imagenet64 512, ffhq256 512, ffhq1024 16" in text
+    assert "RmS = one block at R that upsamples resolution S" in text and 'override the preset' not in text
+    assert set(hparams.MEANING) == {f.name for f in dataclasses.fields(hparams.HParams)}
