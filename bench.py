@@ -10,13 +10,19 @@ what a user waits for before training starts. Run nothing else while benchmarkin
 
     python bench.py --data --presets=cifar10 --steps=1   # input pipeline vs the model
     python bench.py --data --presets=                    # input pipeline only
+    python bench.py --learn                              # learning speed against the official code
 
 --data first times data.train_dataset alone (shuffle, batch, preprocess; nothing consumes the
 batches but the loop) on mnist5k and on 50,000 random cifar10-shaped images in a temporary
 .npy, then the presets' train steps, and prints how many times faster the pipeline is.
+
+--learn trains a small configuration (LEARN) with train.py's own loop on the mnist5k digits for
+2,000 steps and prints the validation bits/dim of the raw and the EMA weights every 500 steps,
+beside the official code's for the same configuration.
 """
-import tempfile
+import json
 import os
+import tempfile
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -41,6 +47,11 @@ flags.DEFINE_enum('layout', 'stacked', ['stacked', 'naive'],
 flags.DEFINE_boolean('jit_compile', False, 'compile the train step as one XLA program (as a TPU does)')
 flags.DEFINE_boolean('data', False, 'also time the input pipeline alone (images/s)')
 flags.DEFINE_float('data_seconds', 3., 'seconds to time each input pipeline for')
+flags.DEFINE_boolean('learn', False, 'instead of speed: train the learning-check configuration on '
+                     'mnist5k and print validation bits/dim beside the official code\'s')
+flags.DEFINE_integer('learn_steps', 2000, 'with --learn: training steps')
+flags.DEFINE_integer('learn_every', 500, 'with --learn: steps between evaluations')
+flags.DEFINE_integer('learn_images', 0, 'with --learn: validation digits (0: all 500)')
 FLAGS = flags.FLAGS
 
 
@@ -145,7 +156,64 @@ def bench_pipelines(batch, seconds):
     return rates
 
 
+# ---------------------------------------------------------------------------------------
+# --learn: does training learn at the official code's speed? The same small configuration,
+# trained by train.py's own loop on the mnist5k digits, against the official code's
+# validation bits/dim (measured by running the official release on CPU with this project's
+# mnist5k constants; issue 13 of this project).
+LEARN = dict(dataset='mnist5k', image_size=32, width=64, zdim=8, num_mixtures=5,
+             enc_blocks='32x2,32d2,16x2,16d2,8x2,8d2,4x2,4d4,1x1',
+             dec_blocks='1x1,4m1,4x2,8m4,8x2,16m8,16x2,32m16,32x2', batch_size=16, lr=5e-4,
+             warmup_iters=100, weight_decay=0.01, grad_clip=200., skip_threshold=400.,
+             ema_rate=0.999, seed=0)
+OFFICIAL_LEARN = {500: (0.726, 2.345), 1000: (0.665, 1.438), 1500: (0.574, 1.244), 2000: (0.557, 1.245)}
+
+
+def learn(steps, every, n_images=None):
+    """Validation bits/dim of the raw and the EMA weights every `every` steps."""
+    import train
+    hp = hparams.load('demo', **LEARN, steps=steps)
+    strategy = tf.distribute.get_strategy()
+    keras.utils.set_random_seed(hp.seed)
+    state = train.create_state(hp, strategy)
+    ema_model = vdvae.VDVAE(hp)
+    loop = train.make_train_loop(state, hp, strategy)
+    batches = iter(data.train_dataset(hp, strategy))
+    raw_eval, ema_eval = (train.make_eval_step(m, hp, strategy) for m in (state.model, ema_model))
+    n = n_images or data.split_size(hp.dataset, 'valid', hp.image_size)
+    print(f'learning check: width {hp.width}, zdim {hp.zdim}, batch {hp.batch_size}, lr {hp.lr}, '
+          f'EMA {hp.ema_rate}, {vdvae.count_params(state.model):,} parameters; validation bits/dim '
+          f'over {n} digits', flush=True)
+    print(f'{"step":>5} {"raw":>7} {"EMA":>7} {"official raw":>13} {"official EMA":>13} {"skipped":>8} '
+          f'{"s":>6}', flush=True)
+    rows, t0, step = [], time.time(), 0
+    while step < steps:
+        n_steps = min(every - step % every, steps - step, 50)    # a progress line every 50 steps
+        loop(batches, tf.constant(n_steps))
+        step += n_steps
+        hparams.progress(f'step {step}', step, steps, t0, every=30.)
+        if step % every and step < steps:
+            continue
+        train.copy_ema(state, ema_model)
+        raw, ema = (train.evaluate(e, data.eval_dataset(hp, 'valid', strategy, n_images=n))['bits_per_dim']
+                    for e in (raw_eval, ema_eval))
+        official = OFFICIAL_LEARN.get(step)
+        rows.append(dict(step=step, raw=raw, ema=ema, official=official, skipped=int(state.skipped.numpy()),
+                         seconds=time.time() - t0))
+        them = f'{official[0]:>13.3f} {official[1]:>13.3f}' if official else f'{"-":>13} {"-":>13}'
+        print(f'{hparams.fresh_line()}{step:>5} {raw:>7.3f} {ema:>7.3f} {them} {rows[-1]["skipped"]:>8} '
+              f'{rows[-1]["seconds"]:>6.0f}', flush=True)
+    print(json.dumps(dict(learn=rows)))
+    return rows
+
+
 def main(_):
+    if FLAGS.learn:
+        for name, lowest in (('learn_steps', 1), ('learn_every', 1), ('learn_images', 0)):
+            if FLAGS[name].value < lowest:
+                hparams.fail(f'--{name}={FLAGS[name].value} must be at least {lowest}')
+        learn(FLAGS.learn_steps, FLAGS.learn_every, FLAGS.learn_images)
+        return
     pipeline = bench_pipelines(FLAGS.batch, FLAGS.data_seconds) if FLAGS.data else None
     grappler = FLAGS.layout == 'naive' if FLAGS.grappler is None else FLAGS.grappler
     configure_tf(grappler)

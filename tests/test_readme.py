@@ -66,7 +66,7 @@ PLANS = {
         extra=STEPS, makes=('runs/demo/ckpt/checkpoint', 'runs/demo/samples/step-00000002.png',
                             'runs/demo/log.jsonl')),
     'python sample.py --ckpt=runs/demo --temp=0.85': Plan(makes=('runs/demo/figures/samples-t0.85-seed0.png',)),
-    'python train.py --helpfull': Plan(status=1),
+    'python train.py --help': Plan(status=1),
     # Training the paper's models. Without a network the tfds datasets end at the download.
     'python train.py --hparams=imagenet32 --data_dir=gs://bucket/tfds': Plan(
         replace=(('gs://bucket/tfds', 'tfds'),),
@@ -112,6 +112,12 @@ PLANS = {
         error=r'downsampled_imagenet/32x32: not prepared in tfds, and tfds cannot download it: no network'),
     'python bench.py --presets=cifar10 --jit_compile': Plan(
         replace=(('--presets=cifar10', '--presets=tiny'),), extra=('--steps=1', '--batch=2')),
+    'python train.py --hparams=demo --dataset=folder:/path/to/my/images --logdir=runs/mine': Plan(
+        replace=(('/path/to/my/images', 'digits'),), extra=STEPS,
+        makes=('runs/mine/ckpt/checkpoint', 'runs/mine/samples/step-00000002.png')),
+    'python bench.py --learn': Plan(
+        extra=('--learn_steps=2', '--learn_every=1', '--learn_images=8'),
+        prints=r'\n\s+1\s+[\d.]+\s+[\d.]+\s+-\s+-\s+0\s.*\n\s+2\s+[\d.]+\s+[\d.]+\s+-\s+-\s+0\s'),
     'python bench.py --presets=cifar10,imagenet32': Plan(
         replace=(('--presets=cifar10,imagenet32', '--presets=tiny'),), extra=('--steps=1', '--batch=2')),
 }
@@ -206,6 +212,8 @@ def test_readme_command(command, request, tmp_path):
     reads = [f for f in MAKERS if f in as_run_here(command).replace('imagenet32-finetune', 'imagenet32-official')]
     if reads:
         folder = made(request.getfixturevalue('user_folder'), reads[0])
+    elif 'folder:digits' in as_run_here(command):      # the user's own images
+        folder = request.getfixturevalue('user_folder')
     r = run(command, folder)
     if '--help' in command:
         assert '--ckpt' in r.stdout + r.stderr
