@@ -147,8 +147,8 @@ def grad_norm_figure(log_lines, skip_threshold):
         return np.asarray(img)
     steps, norms, skipped = zip(*points)
     levels = list(norms) + ([skip_threshold] if skip_threshold > 0 else [])
-    lo, hi = math.floor(math.log10(min(levels))), math.ceil(math.log10(max(levels)))
-    hi = max(hi, lo + 1)
+    # A decade of room above the highest level, so the threshold never sits on the frame.
+    lo, hi = math.floor(math.log10(min(levels))), math.floor(math.log10(max(levels))) + 1
     x0, x1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
     px = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
     py = lambda y: bottom - (math.log10(y) - lo) / (hi - lo) * (bottom - top)
