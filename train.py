@@ -132,8 +132,9 @@ class AdamW(keras.optimizers.AdamW):
     """Keras' AdamW with the official code's epsilon (apex's FusedAdam, as torch.optim.AdamW):
     added to the bias-corrected root sqrt(v / (1 - beta2^t)). Keras adds it to the uncorrected
     sqrt(v), an epsilon 1/sqrt(1 - beta2^t) times larger (3.2x at the first step with the
-    paper's beta2 = 0.9), which moved weights with tiny gradients by up to 0.7 lr in 12 steps
-    (tests/test_update.py). Weight decay is Keras' own, decoupled, as the official code's."""
+    paper's beta2 = 0.9), which moved weights with tiny gradients 0.58 of a step away from the
+    official ones within 20 steps (tests/test_update.py). Weight decay is Keras' own,
+    decoupled, as the official code's."""
 
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype
@@ -300,8 +301,8 @@ def make_train_loop(state, hp, strategy, jit_compile=False):
     """A tf.function (iterator, n) -> n updates in one call, so that a TPU does not wait for
     the host between steps. Returns the mean of each value over the call's steps whose loss
     and gradient norm are finite, the largest finite gradient norm (grad_norm_max), the
-    number of skipped updates (skipped) and of finite steps (finite). jit_compile: each update is one XLA program, as on a
-    TPU; the loop and the input stay on the host."""
+    number of skipped updates (skipped) and of finite steps (finite). jit_compile: each
+    update is one XLA program, as on a TPU; the loop and the input stay on the host."""
     replica_step = _compiled(_replica_step(state, hp, strategy), strategy, jit_compile)
     keys = ('elbo', 'distortion', 'rate', 'grad_norm')
 
@@ -692,8 +693,9 @@ def run(_):
     while step < hp.steps:
         if stop_requested(strategy, preemption):
             path = saved.get(step) or save()
-            print(f'{hparams.fresh_line()}{preemption.requested or "a signal to another worker"}: stopped at step {step} '
-                  f'with a checkpoint ({path}); the same command resumes')
+            who = preemption.requested or 'a signal to another worker'
+            print(f'{hparams.fresh_line()}{who}: stopped at step {step} with a checkpoint ({path}); '
+                  'the same command resumes')
             return
         n = min([per_call, hp.steps - step] + [e - step % e for e in events])
         with data.clear_errors():
