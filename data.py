@@ -362,8 +362,10 @@ def _how_to_prepare(name):
     manual = (f'put {" and ".join(files)} in DIR/downloads/manual/, where tfds checks '
               f'{"their checksums" if len(files) > 1 else "its checksum"}')
     if name.startswith('downsampled_imagenet'):
+        size = name.split('/')[1].split('x')[0]
         return (f'image-net.org no longer serves these files: find copies (tensorflow/datasets#4662), '
-                f'{manual}, and pass --data_dir=DIR')
+                f'{manual}, and pass --data_dir=DIR; or pass the folder holding the official code\'s '
+                f'imagenet{size}-train.npy and imagenet{size}-valid.npy')
     return (f'Where there is a network, tfds.builder("{name}", data_dir=DIR).download_and_prepare() '
             f'prepares it (or {manual}); then pass --data_dir=DIR (a local folder or gs://)')
 
