@@ -35,9 +35,9 @@ def main():
 
     def stormy(self, x_in, target, seed=None, noise_rows=None):
         out = losses_per_image(self, x_in, target, seed=seed, noise_rows=noise_rows)
-        if noise_rows is None:              # not a train step
+        if noise_rows is None:              # not a train or eval step
             return out
-        step = tf.cast(seed[1], tf.int64)
+        step = tf.cast(seed[1], tf.int64)   # evaluation's seeds are negative: never in the storm
         hit = (step >= first) & (step <= last)
         if args.replica is not None:        # the replica's first row in the global batch
             hit &= tf.equal(noise_rows[0] // tf.shape(x_in)[0], args.replica)
