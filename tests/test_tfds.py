@@ -26,9 +26,18 @@ SIZE = {'cifar10': 32, 'imagenet32': 32, 'imagenet64': 64}
 def offline():
     """The URLs tfds tried to fetch; every one was refused."""
     import requests
+    import time
     attempted = []
     original = cut_network(attempted)
     yield attempted
+    # tfds fetches a dataset's files on parallel threads: once one failed, the others may
+    # still ask. Keep refusing until they have been quiet a while, so that no late request
+    # reaches the network or the next test's list.
+    seen, quiet_since, t0 = len(attempted), time.time(), time.time()
+    while time.time() - quiet_since < 0.5 and time.time() - t0 < 5:
+        time.sleep(0.05)
+        if len(attempted) != seen:
+            seen, quiet_since = len(attempted), time.time()
     requests.adapters.HTTPAdapter.send = original
 
 
@@ -45,8 +54,6 @@ def test_a_fresh_install_gets_as_far_as_the_download_and_says_no_network(dataset
     name = data.TFDS[dataset][0]
     message = one_line_error(data.split_size, dataset, 'train', SIZE[dataset], str(tmp_path))
     # It reached the download of one of the dataset's own source files, and only that failed.
-    # (A refused URL is named in the message; the list may also hold a late request of the
-    # previous test's download threads.)
     assert message.startswith(f'{name}: not prepared in {tmp_path}, and tfds cannot download it: no network')
     refused = re.search(r'tests/offline.py refused (\S+)\)', message).group(1)
     assert refused in offline and refused.rsplit('/', 1)[1] in data.TFDS_SOURCE_FILES[name]
