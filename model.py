@@ -124,16 +124,17 @@ def _normal(shape, seed, rows=None):
     importance-weighted bound's draws), and copy c gets rows offset.. of draw c."""
     if rows is None:
         return tf.random.stateless_normal(shape, seed)
-    if len(rows) == 3:
-        offset, total, copies = rows
-        n = shape[0] // copies
-        full = tf.random.stateless_normal(tf.concat([[copies, total], shape[1:]], 0), seed)
-        part = tf.slice(full, tf.concat([[0, offset], tf.zeros_like(shape[1:])], 0),
-                        tf.concat([[copies, n], shape[1:]], 0))
-        return tf.reshape(part, shape)
-    offset, total = rows
-    full = tf.random.stateless_normal(tf.concat([[total], shape[1:]], 0), seed)
-    return tf.slice(full, tf.concat([[offset], tf.zeros_like(shape[1:])], 0), shape)
+    return _rows_of(tf.random.stateless_normal, shape, seed, rows)
+
+
+def _rows_of(draw, shape, seed, rows):
+    """The rows `rows` asks for of draw(full shape, seed). One copy draws the same numbers as
+    a draw of shape (total, ...): the generators count elements, not dimensions."""
+    offset, total, copies = rows if len(rows) == 3 else (*rows, 1)
+    full = draw(tf.concat([[copies, total], shape[1:]], 0), seed)
+    part = tf.slice(full, tf.concat([[0, offset], tf.zeros_like(shape[1:])], 0),
+                    tf.concat([[copies, shape[0] // copies], shape[1:]], 0))
+    return tf.reshape(part, shape)
 
 
 def _uniform(shape, seed):

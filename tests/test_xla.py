@@ -35,16 +35,7 @@ def _hash_normal(shape, seed, rows=None):
     """Unit-variance noise with the row semantics of model._normal."""
     if rows is None:
         return (_hash_uniform(shape, seed) - 0.5) * 12. ** 0.5
-    if len(rows) == 3:
-        offset, total, copies = rows
-        n = shape[0] // copies
-        full = _hash_normal(tf.concat([[copies, total], shape[1:]], 0), seed)
-        part = tf.slice(full, tf.concat([[0, offset], tf.zeros_like(shape[1:])], 0),
-                        tf.concat([[copies, n], shape[1:]], 0))
-        return tf.reshape(part, shape)
-    offset, total = rows
-    full = _hash_normal(tf.concat([[total], shape[1:]], 0), seed)
-    return tf.slice(full, tf.concat([[offset], tf.zeros_like(shape[1:])], 0), shape)
+    return vdvae._rows_of(_hash_normal, shape, seed, rows)
 
 
 def _hash_split(seed, n):
