@@ -240,13 +240,13 @@ def _tfds_split(dataset, split, image_size, data_dir):
     size = None
     if dataset == 'cifar10' and split != 'test':
         ds, size = _cifar10_official(ds, split, where)
-    ds = ds.map(lambda example: example['image'])
     # ImageNet: tfds's train order is fixed and was shuffled when the dataset was built, so
     # the first images are a random held-out set (not the official one: module docstring).
-    if dataset != 'cifar10' and split == 'valid':
+    elif split == 'valid':
         ds = ds.take(HELD_OUT[dataset])
-    elif dataset != 'cifar10' and split == 'train':
+    elif split == 'train':
         ds = ds.skip(HELD_OUT[dataset])
+    ds = ds.map(lambda example: example['image'])
     want = (image_size, image_size, 3)
     first = next(iter(ds.take(1)), None)
     if first is None:
