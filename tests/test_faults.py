@@ -11,13 +11,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import tensorflow as tf
 
 import checkpoints
 import cli
-from test_train import _weights
+from test_train import assert_same_state
 
 RUN = ('--hparams=tiny', '--eval_every=0', '--samples_every=0', '--log_every=1')
 
@@ -75,10 +74,7 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_before_i
         assert open(os.path.join(logdir, 'ckpt', 'corrupt', os.path.basename(f)), 'rb').read() == content
     assert os.path.isfile(f'{logdir}/ckpt/ckpt-2.index') and len(original) == 2
     # Resume is exact: the same weights, EMA and optimizer state as the uninterrupted run.
-    a, b = _weights(f'{straight}/ckpt/ckpt-6'), _weights(f'{logdir}/ckpt/ckpt-6')
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert_same_state(f'{straight}/ckpt/ckpt-6', f'{logdir}/ckpt/ckpt-6')
 
 
 def test_a_folder_whose_every_checkpoint_is_damaged_is_an_error_and_nothing_moves(straight, tmp_path):
@@ -146,9 +142,7 @@ def test_a_signal_saves_and_stops_and_the_same_command_resumes_exactly(straight3
     assert 1 <= step < 30 and os.path.isfile(f'{logdir}/ckpt/ckpt-{step}.index')
     r = cli.run('train.py', *args[2:], timeout=600)
     assert r.returncode == 0 and f'at step {step}' in r.stdout, r.stderr[-2000:]
-    a, b = _weights(f'{straight30}/ckpt/ckpt-30'), _weights(f'{logdir}/ckpt/ckpt-30')
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert_same_state(f'{straight30}/ckpt/ckpt-30', f'{logdir}/ckpt/ckpt-30')
 
 
 def test_under_multi_worker_training_a_signal_to_one_worker_stops_both_at_one_step(tmp_path):
@@ -259,10 +253,7 @@ def test_kill_9_at_random_moments_loses_no_save_and_ends_bit_identical(straight6
             assert proc.returncode == -signal.SIGKILL, (moment, text[-2000:])
     assert proc.returncode == 0 and 'done: 60 steps' in text, text[-2000:]
     assert killed == moments and len(resumed) >= 6 and resumed == sorted(resumed), (killed, resumed)
-    a, b = _weights(f'{straight60}/ckpt/ckpt-60'), _weights(f'{logdir}/ckpt/ckpt-60')
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert_same_state(f'{straight60}/ckpt/ckpt-60', f'{logdir}/ckpt/ckpt-60')
 
 
 @contextlib.contextmanager

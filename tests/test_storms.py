@@ -13,7 +13,7 @@ import checkpoints
 import cli
 import hparams
 import train
-from test_train import _weights
+from test_train import _weights, assert_same_state
 
 RUN = ('--hparams=tiny', '--eval_every=0', '--samples_every=0', '--log_every=1', '--keep_checkpoints=10')
 
@@ -26,13 +26,6 @@ def _storm(logdir, storm, kind, *args, replica=None):
 
 def _log(logdir):
     return [json.loads(line) for line in open(f'{logdir}/log.jsonl')]
-
-
-def _assert_same(a, b):
-    a, b = _weights(a), _weights(b)
-    assert a.keys() == b.keys() and len(a) > 20
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 BELOW_GUARD = ('3:8', 'huge', '--steps=12', '--save_every=3', '--max_skips_in_a_row=6')
@@ -60,7 +53,7 @@ def test_a_spike_storm_on_one_replica_below_the_guard_is_skipped_and_training_go
     assert all(s['grad_norm'] > 1e6 for s in log[3:9]) and all(s['grad_norm'] < 1e3 for s in log[:3] + log[9:])
     assert all(np.isfinite(s['elbo']) for s in log)
     # Nothing moved during the storm (weights, EMA, Adam's moments and step counter) ...
-    _assert_same(f'{logdir}/ckpt/ckpt-3', f'{logdir}/ckpt/ckpt-9')
+    assert_same_state(f'{logdir}/ckpt/ckpt-3', f'{logdir}/ckpt/ckpt-9')
     # ... and every variable moved after it, to finite values.
     before, after = _weights(f'{logdir}/ckpt/ckpt-9'), _weights(f'{logdir}/ckpt/ckpt-12')
     assert all(not np.array_equal(before[n], after[n]) for n in before if np.any(before[n])), \
@@ -113,7 +106,7 @@ def test_past_its_threshold_the_guard_saves_the_last_good_state_and_stops(tmp_pa
     assert [s['skipped'] for s in _log(logdir)] == [0] * 3 + [1] * 5
     assert checkpoints.prefixes(f'{logdir}/ckpt')[0].endswith('ckpt-8')
     checkpoints.verify(f'{logdir}/ckpt/ckpt-8')
-    _assert_same(f'{logdir}/ckpt/ckpt-3', f'{logdir}/ckpt/ckpt-8')
+    assert_same_state(f'{logdir}/ckpt/ckpt-3', f'{logdir}/ckpt/ckpt-8')
     reader = tf.train.load_checkpoint(f'{logdir}/ckpt/ckpt-8')
     assert reader.get_tensor('step/.ATTRIBUTES/VARIABLE_VALUE') == 8
     if kind == 'nan':

@@ -171,6 +171,14 @@ def _weights(ckpt_prefix):
     return {n: reader.get_tensor(n) for n in names}
 
 
+def assert_same_state(prefix_a, prefix_b):
+    """Two checkpoints hold the same weights, EMA and optimizer state, bit for bit."""
+    a, b = _weights(prefix_a), _weights(prefix_b)
+    assert a.keys() == b.keys() and len(a) > 40
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
 @pytest.mark.smoke
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
@@ -182,10 +190,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     second = _train(f'--logdir={resumed}', '--steps=6', '--save_every=3')
     assert second.returncode == 0, second.stderr[-2000:]
     assert 'resumed from' in second.stdout
-    a, b = _weights(f'{straight}/ckpt/ckpt-6'), _weights(f'{resumed}/ckpt/ckpt-6')
-    assert a.keys() == b.keys() and len(a) > 40
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert_same_state(f'{straight}/ckpt/ckpt-6', f'{resumed}/ckpt/ckpt-6')
     # The log says what happened at each step, both runs alike.
     steps = [json.loads(line)['step'] for line in open(f'{resumed}/log.jsonl')]
     assert steps == list(range(1, 7))
