@@ -220,6 +220,11 @@ _LAYOUTS = {
 def official_layout(model):
     """(official key, variable or ParamStack, piece name or None, block index or None,
     layout name in _LAYOUTS), for every tensor of this configuration's state_dict."""
+    variants = [f'{name}={getattr(model.hp, name)}' for name, paper in (('unpool', 'nearest'), ('top_down_block', 'res'))
+                if getattr(model.hp, name) != paper]
+    if variants:
+        raise CheckpointError(f'{", ".join(variants)} is a figure-5 variant the official code does not have; '
+                              'only the paper\'s model (unpool=nearest, top_down_block=res) converts')
     enc, dec = model.encoder, model.decoder
     rows = [('encoder.in_conv.weight', enc.in_kernel, None, None, 'conv'),
             ('encoder.in_conv.bias', enc.in_bias, None, None, 'same')]

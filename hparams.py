@@ -35,6 +35,8 @@ class HParams:
     bottleneck_multiple: float = 0.25
     num_mixtures: int = 10
     no_bias_above: int = 64          # trainable initial decoder states up to this resolution
+    unpool: str = 'nearest'          # figure 5: 'nearest' (the paper's model) or 'learned'
+    top_down_block: str = 'res'      # figure 5: 'res' (the paper's model) or 'ffn' (no residual)
     enc_blocks: str = ''
     dec_blocks: str = ''
     # Optimisation.
@@ -179,6 +181,9 @@ def validate(hp):
             raise HParamsError(f'{name}={getattr(hp, name)} must be at least 1')
     if not 0 <= hp.ema_rate < 1 or not 0 <= hp.adam_beta1 < 1 or not 0 <= hp.adam_beta2 < 1:
         raise HParamsError('ema_rate, adam_beta1 and adam_beta2 must lie in [0, 1)')
+    for name, choices in (('unpool', ('nearest', 'learned')), ('top_down_block', ('res', 'ffn'))):
+        if getattr(hp, name) not in choices:
+            raise HParamsError(f'{name}={getattr(hp, name)!r}: choose {" or ".join(map(repr, choices))}')
     if hp.image_channels != 3:
         raise HParamsError('image_channels must be 3 (the DMoL likelihood is over RGB)')
     width = widths(hp)
@@ -241,8 +246,12 @@ MEANING = {
     'enc_blocks': 'encoder blocks, bottom-up: RxN = N residual blocks at resolution R, RdK = one '
                   'block then average-pool by K, e.g. 32x11,32d2,16x6,16d2',
     'dec_blocks': 'decoder (top-down) blocks, each a stochastic layer: RxN = N blocks at resolution '
-                  'R, RmS = one block at R that upsamples resolution S (nearest neighbour), e.g. '
+                  'R, RmS = one block at R that upsamples resolution S (see unpool), e.g. '
                   '1x1,4m1,4x2,8m4',
+    'unpool': 'how an RmS decoder block upsamples resolution S: nearest (nearest neighbour, the '
+              'paper\'s model) or learned (a 1x1 conv and depth-to-space; figure 5 compares them)',
+    'top_down_block': 'the res block closing each decoder block: res (residual, the paper\'s model) '
+                      'or ffn (the same convs without the residual connection; figure 5\'s "FFN")',
     'lr': 'AdamW learning rate after the warm-up',
     'adam_beta1': 'AdamW beta1',
     'adam_beta2': 'AdamW beta2',

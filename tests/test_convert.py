@@ -162,6 +162,15 @@ def test_every_imported_tensor_reaches_the_output():
     assert not unused, f'no gradient reaches {unused}'
 
 
+@pytest.mark.parametrize('variant', [dict(unpool='learned'), dict(top_down_block='ffn')])
+def test_figure_5_variants_are_refused_both_ways_the_official_code_has_neither(variant):
+    m = vdvae.VDVAE(hparams.load('tiny', **variant))
+    for convert_it in (lambda: convert.load_official(m, _random_state_dict(hparams.load('tiny'), 0)),
+                       lambda: convert.export_official(m)):
+        with pytest.raises(convert.CheckpointError, match='figure-5 variant the official code does not have'):
+            convert_it()
+
+
 def test_load_refuses_missing_extra_and_misshapen_tensors_by_name(official_data):
     hp, path = _case(official_data)
     good, m = convert.read_state_dict(path), vdvae.VDVAE(hp)

@@ -90,7 +90,7 @@ FIELDS = dict(
     adam_beta2=float_outside(0., 1.), adam_eps=float_outside(0.), weight_decay=float_outside(0.),
     warmup_iters=below(0), ema_rate=float_outside(0., 1.), grad_clip=float_outside(0.),
     skip_threshold=float_outside(0.).filter(lambda s: s not in ('-1.0', '-1')), batch_size=below(1),
-    steps=below(1), seed=NOT_INT)
+    steps=below(1), seed=NOT_INT, unpool=not_in(['nearest', 'learned']), top_down_block=not_in(['res', 'ffn']))
 
 TRAIN = dict(FIELDS, hparams=not_in(hparams.PRESETS), logdir=st.sampled_from(['', 'junk.bin', 'junk.bin/run']),
              strategy=not_in(['auto', 'default', 'mirrored', 'tpu', 'multiworker']),

@@ -41,6 +41,8 @@ def test_parse_blocks():
     (dict(ema_rate=1.5), ['ema_rate']),
     (dict(skip_threshold=0.), ['skip_threshold=0.0 must be positive, or -1']),
     (dict(skip_threshold=-2.), ['skip_threshold=-2.0 must be positive, or -1']),
+    (dict(unpool='bilinear'), ["unpool='bilinear'", "'nearest' or 'learned'"]),
+    (dict(top_down_block='resnet'), ["top_down_block='resnet'", "'res' or 'ffn'"]),
 ])
 def test_values_that_cannot_work_fail_with_one_clear_message(overrides, words):
     with pytest.raises(HParamsError) as e:

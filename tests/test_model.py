@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import fastgraph
 import hparams
 import model
 
@@ -59,7 +60,7 @@ def test_losses_are_finite_with_finite_gradients_for_every_variable(tiny_model):
     # passes no gradient back to the prior's other convs, and the first layer's prior reads
     # the all-zero initial state, so its last kernel sees zero inputs. Every other piece,
     # zero-initialised ones included, must get a gradient.
-    first_stage = tiny_model.decoder.blocks[0][0]
+    first_stage = tiny_model.decoder.blocks[0].res
     for res, stage in tiny_model.decoder.stages.items():
         g = grads[stage.params.path].numpy()
         for (name, _, _), size, start in zip(stage.pieces, stage.sizes, np.cumsum([0] + stage.sizes)):
@@ -190,7 +191,7 @@ def test_gelu_conv_is_conv_of_the_exact_erf_gelu_with_its_gradients():
     b = tf.constant(rng.normal(size=(4,)), tf.float32)
     w = tf.constant(rng.normal(size=(2, 5, 5, 4)), tf.float32)     # a loss that weighs outputs
     results = []
-    for f in (model.gelu_conv, lambda x, k, b: model.conv(tf.nn.gelu(x, approximate=False), k, b)):
+    for f in (fastgraph.gelu_conv, lambda x, k, b: fastgraph.conv(tf.nn.gelu(x, approximate=False), k, b)):
         with tf.GradientTape() as tape:
             tape.watch([x, k, b])
             y = f(x, k, b)
@@ -237,9 +238,147 @@ def test_eager_calls_at_new_batch_sizes_neither_retrace_nor_warn():
             m.losses_per_image(x, x)
             m.sample(b, 0.9)
             if b == 2:
-                traced = len(model._BLOCK_FUNCTIONS)
-        assert len(model._BLOCK_FUNCTIONS) == traced
+                traced = len(fastgraph._BLOCK_FUNCTIONS)
+        assert len(fastgraph._BLOCK_FUNCTIONS) == traced
     finally:
         tf_logger.removeHandler(handler)
         tf_logger.setLevel(level)
     assert not [w for w in warnings if 'retracing' in w], warnings
+
+
+# ---------------------------------------------------------------------------------------
+# Figure 3 as Keras layers, and figure 5's variants of the top-down path.
+def _row_of_each_block(blocks):
+    """Block i reads row j of its stage: j counts the earlier blocks at its resolution."""
+    seen, rows = {}, []
+    for res, _ in blocks:
+        rows.append(seen.get(res, 0))
+        seen[res] = rows[-1] + 1
+    return rows
+
+
+@pytest.mark.smoke
+def test_each_block_is_a_keras_layer_reading_its_row_of_the_stage(tiny_model):
+    hp, enc, dec = tiny_model.hp, tiny_model.encoder, tiny_model.decoder
+    enc_blocks, dec_blocks = hparams.parse_blocks(hp.enc_blocks), hparams.parse_blocks(hp.dec_blocks)
+    assert [(b.res, b.down) for b in enc.blocks] == enc_blocks
+    assert [(b.res, b.mixin) for b in dec.blocks] == dec_blocks
+    for blocks, stages, parsed in ((enc.blocks, enc.stages, enc_blocks), (dec.blocks, dec.stages, dec_blocks)):
+        for block, j, (res, _) in zip(blocks, _row_of_each_block(parsed), parsed):
+            assert isinstance(block, keras.layers.Layer) and not block.weights   # its weights are the stage's
+            pieces = block.pieces()
+            assert sorted(pieces) == sorted(stages[res].index)
+            for name, value in pieces.items():
+                np.testing.assert_array_equal(value, stages[res].piece(name)[j])
+    assert isinstance(dec.blocks[3], model.DecBlock) and isinstance(enc.blocks[0], model.EncBlock)
+
+
+def test_blocks_called_one_by_one_give_the_encoder_and_decoder_outputs(tiny_model):
+    """A user's path: each block on its own, reading its own row of the stacked weights,
+    composed by hand as figure 3 draws it, gives what the fast path gives."""
+    x_in, _ = _batch(tiny_model.hp, n=2)
+    enc, dec = tiny_model.encoder, tiny_model.decoder
+    acts = enc.activations(x_in)
+    x = model.conv(x_in, enc.in_kernel, enc.in_bias)
+    by_hand = {tiny_model.hp.image_size: x}
+    for block in enc.blocks:
+        x = by_hand[block.res // (block.down or 1)] = block(x)
+    assert sorted(by_hand) == sorted(acts)
+    for res in acts:
+        np.testing.assert_allclose(by_hand[res], acts[res], rtol=1e-6, atol=1e-6)
+    params, layers = dec.top_down(2, acts=acts, seed=[4, 5])
+    seeds = model._split_seed(tf.constant([4, 5]), len(dec.blocks))
+    state = dec.initial_state(2)
+    for i, block in enumerate(dec.blocks):
+        state[block.res], layer = block(state, acts=acts[block.res], noise=lambda shape: model._normal(shape, seeds[i]))
+        assert sorted(layer) == sorted(layers[i]) == ['kl', 'p', 'q', 'z']
+        np.testing.assert_allclose(layer['kl'], layers[i]['kl'], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(layer['z'], layers[i]['z'], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dec.likelihood_params(state[tiny_model.hp.image_size]), params, rtol=1e-5, atol=1e-5)
+
+
+def _copy_weights(source, target):
+    by_key = {model.checkpoint_key(v): v for v in source.weights}
+    for v in target.weights:
+        if model.checkpoint_key(v) in by_key:
+            v.assign(by_key[model.checkpoint_key(v)])
+
+
+def test_a_learned_unpool_sits_where_nearest_neighbours_do_and_adds_only_its_convs(tiny_model):
+    hp = hparams.load('tiny', unpool='learned')
+    learned = model.VDVAE(hp)
+    widths = hparams.widths(hp)
+    extra = sum(widths[m] * (r // m) ** 2 * widths[r] + (r // m) ** 2 * widths[r]
+                for r, m in hparams.parse_blocks(hp.dec_blocks) if m)
+    assert model.count_params(learned) == model.count_params(tiny_model) + extra
+    # With each patch position copying the channels above, the learned unpool IS nearest
+    # neighbours: same weights elsewhere, same losses.
+    _copy_weights(tiny_model, learned)
+    for block in learned.decoder.blocks:
+        if block.unpool is not None:
+            w_in, w = widths[block.mixin], block.width
+            kernel = np.zeros(block.unpool.kernel.shape, np.float32)
+            for k in range((block.res // block.mixin) ** 2):
+                kernel[0, 0, np.arange(w), k * w + np.arange(w)] = 1.
+            assert w_in >= w
+            block.unpool.kernel.assign(kernel)
+    x_in, target = _batch(hp, n=3)
+    ours, ref = (m.losses_per_image(x_in, target, seed=[2, 3]) for m in (learned, tiny_model))
+    for k in ref:
+        np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6, err_msg=k)
+    # Its own random init is not an unpool of that kind, and it trains: gradients reach it.
+    fresh = model.VDVAE(hp)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(fresh.losses_per_image(x_in, target, seed=[2, 3])['elbo'])
+    unpool_vars = [v for v in fresh.trainable_variables if 'unpool' in v.path]
+    assert len(unpool_vars) == 2 * sum(1 for _, m in hparams.parse_blocks(hp.dec_blocks) if m)
+    for v, g in zip(unpool_vars, tape.gradient(loss, unpool_vars)):
+        assert np.all(np.isfinite(g)) and np.any(g.numpy() != 0), v.path
+
+
+def test_ffn_drops_exactly_the_residual_connection_of_the_top_down_res_block(tiny_model):
+    ffn = model.VDVAE(hparams.load('tiny', top_down_block='ffn'))
+    assert model.count_params(ffn) == model.count_params(tiny_model)
+    _copy_weights(tiny_model, ffn)
+    x_in, _ = _batch(tiny_model.hp, n=2)
+    acts = tiny_model.encoder.activations(x_in)
+    i = 4                                          # a block with a state of its own above
+    res = tiny_model.decoder.blocks[i].res
+    state = {r: tf.random.stateless_normal(s.shape, [i, r]) for r, s in tiny_model.decoder.initial_state(2).items()}
+    noise = lambda shape: model._normal(shape, tf.constant([1, 1]))
+    out = {name: m.decoder.blocks[i](state, acts=acts[res], noise=noise)[0].numpy()
+           for name, m in (('res', tiny_model), ('ffn', ffn))}
+    # With the res block's last conv zeroed its convs add nothing: the residual model passes
+    # its input h = x + x_res + z_proj(z) through, the FFN gives zeros.
+    stage = ffn.decoder.stages[res]
+    saved = stage.params.numpy()
+    j = _row_of_each_block(hparams.parse_blocks(ffn.hp.dec_blocks))[i]
+    start = sum(stage.sizes[:stage.index['resnet/c4_kernel']])
+    zeroed = saved.copy()
+    zeroed[j, start:start + stage.sizes[stage.index['resnet/c4_kernel']] + stage.sizes[stage.index['resnet/c4_bias']]] = 0
+    stage.params.assign(zeroed)
+    assert not np.any(ffn.decoder.blocks[i](state, acts=acts[res], noise=noise)[0].numpy())
+    tiny_model.decoder.stages[res].params.assign(zeroed)
+    try:
+        h = tiny_model.decoder.blocks[i](state, acts=acts[res], noise=noise)[0].numpy()
+    finally:
+        tiny_model.decoder.stages[res].params.assign(saved)
+    assert np.any(h != 0)
+    np.testing.assert_allclose(out['res'] - out['ffn'], h, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_format_is_the_one_earlier_run_folders_hold(tiny_model):
+    """Run folders written before the blocks became layers (d20cf3c and earlier) hold these
+    keys and shapes, and each stacked row holds its block's pieces in this order; a change
+    here would leave them unreadable (or worse, read into the wrong convs)."""
+    assert {model.checkpoint_key(v): tuple(v.shape) for v in tiny_model.weights} == {
+        'encoder.in_kernel': (3, 3, 3, 32), 'encoder.in_bias': (32,), 'enc16.params': (3, 1720),
+        'enc8.params': (3, 1720), 'enc4.params': (3, 1720), 'enc1.params': (1, 696),
+        'decoder.bias_state1': (1, 1, 1, 32), 'decoder.bias_state4': (1, 4, 4, 32),
+        'decoder.bias_state8': (1, 8, 8, 32), 'decoder.bias_state16': (1, 16, 16, 32), 'decoder.gain': (32,),
+        'decoder.bias': (32,), 'decoder.out_kernel': (1, 1, 32, 30), 'decoder.out_bias': (30,),
+        'dec1.params': (1, 2360), 'dec4.params': (3, 5432), 'dec8.params': (3, 5432), 'dec16.params': (3, 5432)}
+    convs = lambda role: [f'{role}c{i}_{kind}' for i in range(1, 5) for kind in ('kernel', 'bias')]
+    assert [name for name, _, _ in tiny_model.encoder.stages[8].pieces] == convs('')
+    assert [name for name, _, _ in tiny_model.decoder.stages[8].pieces] == (
+        convs('posterior/') + convs('prior/') + ['z_proj/kernel', 'z_proj/bias'] + convs('resnet/'))
