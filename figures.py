@@ -1,6 +1,6 @@
-"""Pictures, drawn with PIL alone: image grids with labels, line plots, and the run folder's
-figures (curve.png: bits/dim; grad_norm.png: the paper's figure 6, the gradient norm against
-the skip threshold). Every PNG is written whole, then renamed, through tf.io.gfile (gs:// too)."""
+"""Pictures, drawn with PIL alone: image grids with labels, line plots, the rate per layer
+(figure 5, one run or several), and the run folder's figures (curve.png: bits/dim;
+grad_norm.png: the paper's figure 6, the gradient norm against the skip threshold). Every PNG is written whole, then renamed, through tf.io.gfile (gs:// too)."""
 import io
 import json
 import math
@@ -81,13 +81,18 @@ def _nice_ceiling(v):
     return next(m * base for m in (1, 2, 2.5, 5, 10) if m * base >= v * (1 - 1e-9))
 
 
-def line_plot(draw, box, xs, ys, title, xlabel, ylabel, xticks, marks=(), ymax=None):
-    """A line through (xs, ys) in box=(left, top, right, bottom); xticks [(x, label)];
-    marks [(x, label)] become dotted vertical lines."""
+COLOURS = [(31, 90, 180), (220, 110, 20), (40, 150, 60), (190, 40, 40), (120, 80, 170), (90, 90, 90)]
+
+
+def line_plot(draw, box, series, title, xlabel, ylabel, xticks, marks=(), ymax=None):
+    """Lines through the points of `series` [(xs, ys, label)] in box=(left, top, right,
+    bottom), each in its colour, with a legend when there is more than one; xticks
+    [(x, label)]; marks [(x, label)] become dotted vertical lines."""
     left, top, right, bottom = box
     font = _font()
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y1 = ymax or _nice_ceiling(max(ys))
+    all_x = [x for xs, _, _ in series for x in xs]
+    x0, x1 = min(all_x), max(all_x) if max(all_x) > min(all_x) else min(all_x) + 1
+    y1 = ymax or _nice_ceiling(max(y for _, ys, _ in series for y in ys))
     px = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
     py = lambda y: bottom - y / y1 * (bottom - top)
     draw.rectangle(box, outline='black')
@@ -102,12 +107,71 @@ def line_plot(draw, box, xs, ys, title, xlabel, ylabel, xticks, marks=(), ymax=N
     for x, label in xticks:
         draw.line([(px(x), bottom), (px(x), bottom + 4)], fill='black')
         draw.text((px(x), bottom + 6), str(label), fill='black', font=font, anchor='mt')
-    draw.line([(px(x), py(y)) for x, y in zip(xs, ys)], fill=(31, 90, 180), width=2)
-    for x, y in zip(xs, ys):
-        draw.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=(31, 90, 180))
+    for k, (xs, ys, label) in enumerate(series):
+        colour = COLOURS[k % len(COLOURS)]
+        if len(xs) > 1:
+            draw.line([(px(x), py(y)) for x, y in zip(xs, ys)], fill=colour, width=2)
+        for x, y in zip(xs, ys):
+            draw.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=colour)
+    if len(series) > 1:         # the legend, top left, below the marks' labels
+        width = max(int(font.getlength(label)) for _, _, label in series) + 44
+        draw.rectangle([left + 4, top + 18, left + width, top + 24 + 16 * len(series)], fill='white',
+                       outline=(150, 150, 150))
+        for k, (_, _, label) in enumerate(series):
+            y = top + 29 + 16 * k
+            draw.line([(left + 10, y), (left + 30, y)], fill=COLOURS[k % len(COLOURS)], width=3)
+            draw.text((left + 36, y), label, fill='black', font=font, anchor='lm')
     draw.text(((left + right) / 2, top - 22), title, fill='black', font=_font(14), anchor='mb')
     draw.text(((left + right) / 2, bottom + 24), xlabel, fill='black', font=font, anchor='mt')
     draw.text((left, top - 4), ylabel, fill='black', font=font, anchor='lb')
+
+
+def rate_figure(res, bits, share):
+    """Figure 5 (cumulative rate against layer) beside figure 4, left (cumulative share of
+    latent dimensions by resolution). res, bits, share: per decoder layer, its resolution,
+    its rate in bits/dim and the cumulative share of latent dimensions up to it."""
+    layers = np.arange(1, len(res) + 1)
+    by_res = sorted(set(res))
+    res_share = [100 * share[max(i for i, r in enumerate(res) if r <= top)] for top in by_res]
+    img = Image.new('RGB', (1180, 430), 'white')
+    draw = ImageDraw.Draw(img)
+    line_plot(draw, (90, 50, 620, 360), [(layers, np.cumsum(bits), '')], 'cumulative rate (KL) by layer',
+              'decoder layer (top to bottom)', 'bits/dim', _layer_ticks(len(res)), _resolution_marks(res))
+    line_plot(draw, (760, 50, 1150, 360), [(np.arange(len(by_res)), res_share, '')],
+              'cumulative share of latent dimensions', 'resolution (layers up to it)', '% of dims',
+              [(i, f'{r}x{r}') for i, r in enumerate(by_res)], ymax=100)
+    draw.text((10, 410), f'total rate {np.sum(bits):.4f} bits/dim over {len(res)} layers',
+              fill='black', font=_font())
+    return np.asarray(img)
+
+
+def rate_comparison(runs):
+    """Figure 5's comparison: each run's cumulative rate against layer, in bits/dim and as a
+    share of its own total (where in the hierarchy each model spends its rate).
+    runs: [(label, resolution per layer, bits/dim per layer)]."""
+    longest = max(len(res) for _, res, _ in runs)
+    same = len({tuple(res) for _, res, _ in runs}) == 1
+    marks = _resolution_marks(runs[0][1]) if same else []
+    img = Image.new('RGB', (1180, 430), 'white')
+    draw = ImageDraw.Draw(img)
+    for box, title, unit, scale in (((90, 50, 620, 360), 'cumulative rate (KL) by layer', 'bits/dim', None),
+                                    ((690, 50, 1150, 360), 'share of each model\'s rate', '% of rate', 100)):
+        series = [(np.arange(1, len(bits) + 1), np.cumsum(bits) * (scale / np.sum(bits) if scale else 1), label)
+                  for label, _, bits in runs]
+        line_plot(draw, box, series, title, 'decoder layer (top to bottom)', unit, _layer_ticks(longest),
+                  marks, ymax=scale)
+    draw.text((10, 410), '; '.join(f'{label}: {np.sum(bits):.4f} bits/dim' for label, _, bits in runs),
+              fill='black', font=_font())
+    return np.asarray(img)
+
+
+def _layer_ticks(n):
+    return [(t, t) for t in sorted({1, n} | {int(t) for t in np.linspace(1, n, 6)})]
+
+
+def _resolution_marks(res):
+    """A dotted line where the decoder moves to a new resolution."""
+    return [(i + 1, f'{r}x{r}') for i, r in enumerate(res) if i == 0 or r != res[i - 1]]
 
 
 def training_curve(log_lines):
@@ -125,7 +189,7 @@ def training_curve(log_lines):
             continue
         steps, bits = zip(*points)
         ticks = sorted({int(t) for t in np.linspace(min(steps), max(steps), 5)})
-        line_plot(draw, box, steps, bits, title, 'step', 'bits/dim', [(t, t) for t in ticks])
+        line_plot(draw, box, [(steps, bits, kind)], title, 'step', 'bits/dim', [(t, t) for t in ticks])
     return np.asarray(img)
 
 
@@ -168,9 +232,9 @@ def grad_norm_figure(log_lines, skip_threshold):
     else:
         draw.text((right - 4, top + 4), 'skip_threshold -1: never skips on the norm', fill=(200, 40, 40),
                   font=font, anchor='rt')
-    draw.line([(px(x), py(y)) for x, y in zip(steps, norms)], fill=(31, 90, 180), width=2)
+    draw.line([(px(x), py(y)) for x, y in zip(steps, norms)], fill=COLOURS[0], width=2)
     for x, y, s in zip(steps, norms, skipped):
-        colour = SKIPPED_COLOUR if s else (31, 90, 180)
+        colour = SKIPPED_COLOUR if s else COLOURS[0]
         draw.ellipse([px(x) - 3, py(y) - 3, px(x) + 3, py(y) + 3], fill=colour)
     draw.text(((left + right) / 2, bottom + 24), 'step', fill='black', font=font, anchor='mt')
     draw.text((left, top - 4), 'gradient norm', fill='black', font=font, anchor='lb')

@@ -5,6 +5,7 @@ posterior latents, and where in the hierarchy the rate is spent.
     python sample.py --ckpt=runs/imagenet32 --temp=1.0,0.9,0.8,0.7 --n=8   # a row per temperature
     python sample.py --ckpt=runs/imagenet32 --mode=reconstruct [--images=FILE_OR_FOLDER]
     python sample.py --ckpt=runs/imagenet32 --mode=stats
+    python sample.py --ckpt=runs/nearest,runs/learned,runs/ffn --mode=stats   # figure 5's comparison
 
 The EMA weights and the hyperparameters come from the run folder (hparams.json); --ckpt is
 the folder (its latest checkpoint) or one ckpt-N prefix inside it.
@@ -23,12 +24,12 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 import tensorflow as tf
 
 import checkpoints
 import data
-from figures import _font, grid, labelled, line_plot, titled, write_png
+from figures import grid, labelled, rate_comparison, rate_figure, titled, write_png
 import hparams
 import model as vdvae
 
@@ -46,7 +47,8 @@ Default 1.0 for samples, 0.1 for the layers a reconstruction leaves to the prior
 
 def define_flags():
     """The command line; defined only when sample.py is the program (train.py imports it)."""
-    flags.DEFINE_string('ckpt', None, 'run folder or ckpt-N prefix (required)')
+    flags.DEFINE_string('ckpt', None, 'run folder or ckpt-N prefix (required); --mode=stats takes '
+                        'several, comma-separated, and compares them in one figure')
     flags.DEFINE_enum('mode', 'sample', ['sample', 'reconstruct', 'stats'],
                       'sample: unconditional samples; reconstruct: keep the first k posterior '
                       'latents (figure 4); stats: per-layer rate, CSV and plot (figure 5)')
@@ -154,7 +156,7 @@ def _number(text):
 
 def _schedule(row, model):
     kind, _, rest = row.partition(':')
-    resolutions = np.array([res for res, _ in model.decoder.blocks])
+    resolutions = np.array([b.res for b in model.decoder.blocks])
     if not rest:
         return _number(kind)
     if kind == 'ramp':
@@ -210,7 +212,7 @@ def generate(sampler, n, temperature, seed, batch, timings=None):
 
 def latent_share(model):
     """Cumulative share of the latent dimensions held by the first k layers, k = 1..L."""
-    dims = np.array([res * res * model.hp.zdim for res, _ in model.decoder.blocks], np.float64)
+    dims = np.array([b.res ** 2 * model.hp.zdim for b in model.decoder.blocks], np.float64)
     return np.cumsum(dims) / dims.sum()
 
 
@@ -253,28 +255,6 @@ def sample_grid(model, x_in, target, temperatures=(1.0, 0.9, 0.8), seed=0, title
     size = model.hp.image_size
     image = labelled(grid(np.stack(rows)), left=labels, cell=(size, size), scale=max(1, 64 // size))
     return titled(image, title) if title else image
-
-
-def stats_figure(model, bits):
-    """Figure 5 (cumulative rate against layer) beside figure 4, left (cumulative share of
-    latent dimensions by resolution)."""
-    res = [r for r, _ in model.decoder.blocks]
-    layers = np.arange(1, len(res) + 1)
-    changes = [(i + 1, f'{r}x{r}') for i, r in enumerate(res) if i == 0 or r != res[i - 1]]
-    ticks = sorted({1, len(res)} | {int(t) for t in np.linspace(1, len(res), 6)})
-    share = latent_share(model)
-    by_res = sorted(set(res))
-    res_share = [100 * share[max(i for i, r in enumerate(res) if r <= top)] for top in by_res]
-    img = Image.new('RGB', (1180, 430), 'white')
-    draw = ImageDraw.Draw(img)
-    line_plot(draw, (90, 50, 620, 360), layers, np.cumsum(bits), 'cumulative rate (KL) by layer',
-              'decoder layer (top to bottom)', 'bits/dim', [(t, t) for t in ticks], changes)
-    line_plot(draw, (760, 50, 1150, 360), np.arange(len(by_res)), res_share,
-              'cumulative share of latent dimensions', 'resolution (layers up to it)', '% of dims',
-              [(i, f'{r}x{r}') for i, r in enumerate(by_res)], ymax=100)
-    draw.text((10, 410), f'total rate {bits.sum():.4f} bits/dim over {len(res)} layers',
-              fill='black', font=_font())
-    return np.asarray(img)
 
 
 # ---------------------------------------------------------------------------------------
@@ -378,28 +358,54 @@ def reconstruct_mode(model, hp, folder):
     print(f'wrote {path}: {len(images)} images; columns: data, then k = {", ".join(map(str, keep))}')
 
 
-def stats_mode(model, hp, folder):
+def stats_mode(runs):
+    """runs: [(model, hp, folder)]; several are compared in one figure (the first run's
+    folder gets it)."""
+    hp = runs[0][1]
+    for _, other, folder in runs[1:]:
+        if (other.dataset, other.image_size, other.low_bit) != (hp.dataset, hp.image_size, hp.low_bit):
+            hparams.fail(f'--mode=stats compares runs on the same data: {folder} is {other.dataset} '
+                         f'{other.image_size}x{other.image_size}, {runs[0][2]} is {hp.dataset} '
+                         f'{hp.image_size}x{hp.image_size}')
     images = read_images(FLAGS.images, hp, FLAGS.n, FLAGS.data_dir)
-    bits = rate_per_layer(model, data.preprocess(images, hp)[0], FLAGS.batch, FLAGS.seed)
-    path = output_path(folder, 'stats.png', also=['.csv'])
+    x_in = data.preprocess(images, hp)[0]
+    labels = _labels([folder for _, _, folder in runs])
+    results = [(label, model, rate_per_layer(model, x_in, FLAGS.batch, FLAGS.seed))
+               for label, (model, _, _) in zip(labels, runs)]
+    path = output_path(runs[0][2], 'stats.png' if len(runs) == 1 else 'stats-compare.png', also=['.csv'])
     csv_path = os.path.splitext(path)[0] + '.csv'
-    share, cumulative = latent_share(model), np.cumsum(bits)
-    rows = [['layer', 'resolution', 'latent_dims', 'kl_bits_per_dim', 'cumulative_bits_per_dim',
+    rows = [['run', 'layer', 'resolution', 'latent_dims', 'kl_bits_per_dim', 'cumulative_bits_per_dim',
              'cumulative_latent_share']]
-    rows += [[i + 1, res, res * res * hp.zdim, f'{bits[i]:.8g}', f'{cumulative[i]:.8g}', f'{share[i]:.6f}']
-             for i, (res, _) in enumerate(model.decoder.blocks)]
+    for (_, model, bits), (_, _, folder) in zip(results, runs):
+        share, cumulative = latent_share(model), np.cumsum(bits)
+        rows += [[folder, i + 1, b.res, b.res ** 2 * model.hp.zdim, f'{bits[i]:.8g}', f'{cumulative[i]:.8g}',
+                  f'{share[i]:.6f}'] for i, b in enumerate(model.decoder.blocks)]
     text = io.StringIO()
     csv.writer(text).writerows(rows)
     with checkpoints.writing(csv_path, 'the table', '; nothing was written'):
+        tf.io.gfile.makedirs(os.path.dirname(csv_path) or '.')
         with tf.io.gfile.GFile(csv_path + '.tmp', 'w') as f:
             f.write(text.getvalue())
         tf.io.gfile.rename(csv_path + '.tmp', csv_path, overwrite=True)
-    write_png(stats_figure(model, bits), path)
-    top = np.argsort(bits)[::-1][:3]
-    print(f'rate {bits.sum():.4f} bits/dim over {len(images)} images; largest layers: '
-          + ', '.join(f'{i + 1} ({model.decoder.blocks[i][0]}x{model.decoder.blocks[i][0]}, '
-                      f'{bits[i]:.4f})' for i in top))
+    if len(runs) == 1:
+        picture = rate_figure([b.res for b in results[0][1].decoder.blocks], results[0][2], latent_share(results[0][1]))
+    else:
+        picture = rate_comparison([(label, [b.res for b in m.decoder.blocks], bits) for label, m, bits in results])
+    write_png(picture, path)
+    for label, model, bits in results:
+        top = np.argsort(bits)[::-1][:3]
+        half = int(np.searchsorted(np.cumsum(bits), bits.sum() / 2)) + 1
+        print(f'{label}: rate {bits.sum():.4f} bits/dim over {len(images)} images; half of it by layer '
+              f'{half} of {len(bits)}; largest layers: '
+              + ', '.join(f'{i + 1} ({model.decoder.blocks[i].res}x{model.decoder.blocks[i].res}, '
+                          f'{bits[i]:.4f})' for i in top))
     print(f'wrote {csv_path} and {path}')
+
+
+def _labels(folders):
+    """The run folders' own names, or their paths where two names are the same."""
+    names = [os.path.basename(os.path.normpath(f)) for f in folders]
+    return names if len(set(names)) == len(names) else [os.path.normpath(f) for f in folders]
 
 
 def main(_):
@@ -415,13 +421,22 @@ def main(_):
               if FLAGS[name].value is not None and FLAGS.mode not in modes]
     if unused:
         hparams.fail(f'--{unused[0]} means nothing with --mode={FLAGS.mode}')
-    model, hp, folder, path, step = load(FLAGS.ckpt)
-    if FLAGS.hparams:
-        check_preset(hp, FLAGS.hparams)
-    print(f'{path}: {hp.dataset} {hp.image_size}x{hp.image_size}, {model.num_layers} layers, '
-          f'EMA weights at step {step}')
+    ckpts = [c for c in FLAGS.ckpt.split(',') if c]
+    if len(ckpts) > 1 and FLAGS.mode != 'stats':
+        hparams.fail(f'--ckpt names {len(ckpts)} checkpoints; only --mode=stats compares several')
+    runs = []
+    for ckpt in ckpts:
+        model, hp, folder, path, step = load(ckpt)
+        if FLAGS.hparams:
+            check_preset(hp, FLAGS.hparams)
+        print(f'{path}: {hp.dataset} {hp.image_size}x{hp.image_size}, {model.num_layers} layers, '
+              f'EMA weights at step {step}')
+        runs.append((model, hp, folder))
     try:
-        dict(sample=sample_mode, reconstruct=reconstruct_mode, stats=stats_mode)[FLAGS.mode](model, hp, folder)
+        if FLAGS.mode == 'stats':
+            stats_mode(runs)
+        else:
+            dict(sample=sample_mode, reconstruct=reconstruct_mode)[FLAGS.mode](*runs[0])
     except data.DataError as e:
         hparams.fail(e)
 

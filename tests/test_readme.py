@@ -89,6 +89,14 @@ PLANS = {
     'python sample.py --ckpt=runs/demo --mode=stats': Plan(
         extra=('--n=8',), makes=('runs/demo/figures/stats.png', 'runs/demo/figures/stats.csv')),
     'python sample.py --help': Plan(status=1),
+    # Figure 5: the two variants of the top-down path, and the three runs in one figure.
+    'python train.py --hparams=demo --unpool=learned --logdir=runs/demo-learned': Plan(
+        extra=STEPS, makes=('runs/demo-learned/ckpt/checkpoint',)),
+    'python train.py --hparams=demo --top_down_block=ffn --logdir=runs/demo-ffn': Plan(
+        extra=STEPS, makes=('runs/demo-ffn/ckpt/checkpoint',)),
+    'python sample.py --ckpt=runs/demo,runs/demo-learned,runs/demo-ffn --mode=stats': Plan(
+        extra=('--n=8',), makes=('runs/demo/figures/stats-compare.png', 'runs/demo/figures/stats-compare.csv'),
+        prints=r'demo-ffn: rate [\d.]+ bits/dim'),
     # Official weights: the genuine official file of the test case, in its tiny shape.
     'python convert.py --torch_ckpt=imagenet32-model-ema.th --hparams=imagenet32 --out=runs/imagenet32-official': Plan(
         replace=(('imagenet32-model-ema.th', os.path.join(CASE, 'official.th')),), extra=tuple(case_flags()),
@@ -123,6 +131,8 @@ PLANS = {
 }
 # The commands that make the run folders the others read.
 MAKERS = {'runs/demo': 'python train.py --hparams=demo',
+          'runs/demo-learned': 'python train.py --hparams=demo --unpool=learned --logdir=runs/demo-learned',
+          'runs/demo-ffn': 'python train.py --hparams=demo --top_down_block=ffn --logdir=runs/demo-ffn',
           'runs/imagenet32-official': 'python convert.py --torch_ckpt=imagenet32-model-ema.th '
                                       '--hparams=imagenet32 --out=runs/imagenet32-official'}
 
@@ -154,9 +164,9 @@ def run(command, folder):
 
 
 def made(folder, run_folder):
-    """`folder` once the README command that makes `run_folder` (runs/demo or
-    runs/imagenet32-official) has run: once for all test processes, each run folder under a
-    lock of its own so that both can be made at the same time."""
+    """`folder` once the README command that makes `run_folder` (one of MAKERS) has run:
+    once for all test processes, each run folder under a lock of its own so that two can be
+    made at the same time."""
     folder.mkdir(exist_ok=True)
     with open(folder / f'{run_folder.replace("/", "-")}.lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -183,8 +193,8 @@ def user_folder(tmp_path_factory, request):
     from PIL import Image
     for i, x in enumerate(np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8)):
         if not (digits / f'{i}.png').exists():     # whole files only: the other process may read
-            Image.fromarray(x).save(digits / f'{i}.tmp', format='PNG')
-            os.replace(digits / f'{i}.tmp', digits / f'{i}.png')
+            Image.fromarray(x).save(digits / f'{i}.{os.getpid()}.tmp', format='PNG')
+            os.replace(digits / f'{i}.{os.getpid()}.tmp', digits / f'{i}.png')
     return folder
 
 
@@ -209,10 +219,11 @@ def test_the_readme_installs_and_test_command_are_what_ci_runs():
 def test_readme_command(command, request, tmp_path):
     # Commands that read no run folder start at once, in an empty folder of their own.
     folder = tmp_path
-    reads = [f for f in MAKERS if f in as_run_here(command).replace('imagenet32-finetune', 'imagenet32-official')]
-    if reads:
-        folder = made(request.getfixturevalue('user_folder'), reads[0])
-    elif 'folder:digits' in as_run_here(command):      # the user's own images
+    line = as_run_here(command).replace('imagenet32-finetune', 'imagenet32-official')
+    reads = [f for f in MAKERS if re.search(re.escape(f) + r'(?![\w-])', line)]
+    for run_folder in reads:
+        folder = made(request.getfixturevalue('user_folder'), run_folder)
+    if 'folder:digits' in line:      # the user's own images
         folder = request.getfixturevalue('user_folder')
     r = run(command, folder)
     if '--help' in command:
@@ -244,3 +255,6 @@ def test_the_model_api_in_the_readme_runs():
     m = namespace['m']
     assert namespace['images'].shape == (2, 16, 16, 3) and len(namespace['zs']) == m.num_layers
     assert namespace['kl'].shape == (2, m.num_layers) and namespace['log_w'].shape == (2,)
+    block = namespace['block']
+    assert block is m.decoder.blocks[5] and block.name == 'dec_block5'
+    assert namespace['prior_in'].shape == block.pieces()['prior/c1_kernel'].shape

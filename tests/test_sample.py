@@ -11,6 +11,7 @@ from PIL import Image
 import tensorflow as tf
 
 import cli
+import figures
 import hparams
 import sample
 import train
@@ -99,7 +100,7 @@ def test_lower_temperature_gives_less_variation_across_samples(run):
 
 
 def test_temperature_schedules(loaded):
-    L, res = loaded.num_layers, np.array([r for r, _ in loaded.decoder.blocks])
+    L, res = loaded.num_layers, np.array([b.res for b in loaded.decoder.blocks])
     rows = sample.parse_temperatures('1.0,0.9', loaded)
     assert [t for _, t in rows] == [1.0, 0.9]
     (_, ramp), = sample.parse_temperatures('ramp:0.2:1.0', loaded)
@@ -179,6 +180,45 @@ def test_stats_csv_sums_to_the_models_rate(run, tmp_path):
     assert float(rows[-1]['cumulative_bits_per_dim']) == pytest.approx(rate, rel=1e-5)
     assert float(rows[-1]['cumulative_latent_share']) == 1.0
     assert np.asarray(Image.open(out)).ndim == 3
+
+
+def _variant_run(folder, seed, **variant):
+    hp = hparams.load('tiny', **variant)
+    keras.utils.set_random_seed(seed)
+    state = train.create_state(hp, tf.distribute.get_strategy())
+    train.check_run_folder(folder, hp)
+    tf.train.CheckpointManager(state.checkpoint(), os.path.join(folder, 'ckpt'), 1).save(checkpoint_number=1)
+    return state.model
+
+
+def test_stats_compares_figure_5s_variants_in_one_figure(tmp_path):
+    runs = {'nearest': {}, 'learned': dict(unpool='learned'), 'ffn': dict(top_down_block='ffn')}
+    models = {name: _variant_run(str(tmp_path / name), i, **v) for i, (name, v) in enumerate(runs.items())}
+    images = _images(4, seed=5)
+    np.save(tmp_path / 'images.npy', images)
+    out = tmp_path / 'not-yet' / 'figure5.png'          # a folder stats makes
+    r = cli.run('sample.py', '--mode=stats', '--ckpt=' + ','.join(str(tmp_path / n) for n in runs),
+                f'--images={tmp_path}/images.npy', '--batch=4', '--seed=2', f'--out={out}')
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / 'not-yet' / 'figure5.csv')))
+    x_in, target = sample.data.preprocess(images, models['nearest'].hp)
+    for name, m in models.items():
+        mine = [row for row in rows if row['run'] == str(tmp_path / name)]
+        assert [int(row['layer']) for row in mine] == list(range(1, m.num_layers + 1))
+        rate = m.losses_per_image(x_in, target, seed=[2, 0])['rate'].numpy().mean() / math.log(2)
+        assert sum(float(row['kl_bits_per_dim']) for row in mine) == pytest.approx(rate, rel=1e-5), name
+        assert f'{name}: rate {rate:.4f} bits/dim' in r.stdout
+    picture = np.asarray(Image.open(out))
+    # One colour per run: each run's line and its legend entry.
+    colours = {tuple(c) for c in picture.reshape(-1, 3)}
+    assert all(c in colours for c in figures.COLOURS[:3])
+    # Runs on other data, or several checkpoints outside --mode=stats: one line each.
+    _variant_run(str(tmp_path / 'wide'), 0, image_size=32, enc_blocks='32x1,32d2,16x1,16d4,4d4,1x1',
+                 dec_blocks='1x1,4m1,16m4,32m16')
+    line = cli.error_line(cli.run('sample.py', '--mode=stats', f'--ckpt={tmp_path}/nearest,{tmp_path}/wide'))
+    assert 'compares runs on the same data' in line and 'wide is mnist5k 32x32' in line
+    line = cli.error_line(cli.run('sample.py', f'--ckpt={tmp_path}/nearest,{tmp_path}/ffn'))
+    assert 'only --mode=stats compares several' in line
 
 
 def test_a_checkpoint_of_another_preset_is_refused(loaded, capsys):
