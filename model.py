@@ -106,7 +106,8 @@ class DecBlock(keras.layers.Layer):
 
     def call(self, state, acts=None, latent=None, temperature=1., noise=None, params=None):
         """acts: the encoder's activation at this resolution (z from the posterior); latent: a
-        given z; else z from the prior at `temperature`. noise: shape -> standard normal
+        given z, or a function of this layer's dict (p, and q given acts) returning z; else z
+        from the prior at `temperature`. noise: shape -> standard normal
         draws (the decoder passes each layer its seeded draw; default: unseeded). params:
         this block's pieces, if the caller has split the stage already."""
         dtype = self.compute_dtype
@@ -126,7 +127,9 @@ class DecBlock(keras.layers.Layer):
             kl = gaussian_kl(*[tf.cast(t, tf.float32) for t in (q_mean, q_logsigma, p_mean, p_logsigma)])
             layer['kl'] = tf.reduce_sum(kl, axis=[1, 2, 3])
         x = x + x_res
-        if latent is not None:
+        if callable(latent):        # z chosen from this layer's distributions (compress.py's coder)
+            z = tf.cast(latent(layer), dtype)
+        elif latent is not None:
             z = tf.cast(latent, dtype)
         else:
             noise = noise or (lambda shape: _normal(shape, _split_seed(None, 1)[0]))
@@ -263,7 +266,8 @@ class Decoder(keras.layers.Layer):
     def top_down(self, n, acts=None, latents=(), temperatures=None, seed=None, noise_rows=None):
         """Run every DecBlock in order. With `acts` (the encoder's), z comes from the posterior
         and each layer reports its KL; without, from the prior at `temperatures[i]`. The first
-        len(latents) layers use the given latents instead. Returns (DMoL params, per-layer dicts
+        len(latents) layers use the given latents instead (tensors, or functions of the
+        layer's distributions: see DecBlock). Returns (DMoL params, per-layer dicts
         as DecBlock returns them). noise_rows=(offset, total): draw noise for a batch of `total`
         images and use rows offset..offset+n, so a replica's images get the noise they would
         get in one batch."""

@@ -272,7 +272,8 @@ def read_images(spec, hp, n, data_dir=None):
     if not os.path.exists(spec):
         hparams.fail(f'--images={spec}: no such file or folder')
     if spec.endswith('.npy'):
-        images, names = np.load(spec, mmap_mode='r')[:n], [spec] * n
+        images = np.load(spec, mmap_mode='r')[:n]
+        names = [spec] * len(images)
     else:
         paths = sorted(os.path.join(spec, f) for f in os.listdir(spec)
                        if f.lower().endswith(('.png', '.jpg', '.jpeg', '.bmp', '.webp'))) \

@@ -28,3 +28,19 @@ def tiny_model():
     import model
     keras.utils.set_random_seed(1)
     return model.VDVAE(hparams.load('tiny'))
+
+
+def fit(m, x_in, target, steps, lr=2e-3):
+    """`steps` Adam updates of model m on one fixed batch; the ELBO of each step."""
+    import keras
+    opt = keras.optimizers.Adam(lr)
+    opt.build(m.trainable_variables)
+
+    @tf.function(autograph=False)
+    def step(i):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(m.losses_per_image(x_in, target, seed=tf.stack([i, 0]))['elbo'])
+        opt.apply(tape.gradient(loss, m.trainable_variables), m.trainable_variables)
+        return loss
+
+    return [float(step(tf.constant(i))) for i in range(steps)]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import fit
 import fastgraph
 import hparams
 import model
@@ -94,17 +95,7 @@ def test_the_elbo_decreases_when_training_on_a_fixed_batch():
     keras.utils.set_random_seed(0)
     m = model.VDVAE(hparams.load('tiny'))
     x_in, target = _batch(m.hp, n=8, seed=1)
-    opt = keras.optimizers.Adam(2e-3)
-    opt.build(m.trainable_variables)
-
-    @tf.function(autograph=False)
-    def step(i):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(m.losses_per_image(x_in, target, seed=tf.stack([i, 0]))['elbo'])
-        opt.apply(tape.gradient(loss, m.trainable_variables), m.trainable_variables)
-        return loss
-
-    losses = [float(step(tf.constant(i))) for i in range(40)]
+    losses = fit(m, x_in, target, 40)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
 
