@@ -11,6 +11,7 @@ what a user waits for before training starts. Run nothing else while benchmarkin
     python bench.py --data --presets=cifar10 --steps=1   # input pipeline vs the model
     python bench.py --data --presets=                    # input pipeline only
     python bench.py --learn                              # learning speed against the official code
+    python bench.py --compress=runs/demo                 # compress.py against the ELBO, PNG, WebP
 
 --data first times data.train_dataset alone (shuffle, batch, preprocess; nothing consumes the
 batches but the loop) on mnist5k and on 50,000 random cifar10-shaped images in a temporary
@@ -52,6 +53,10 @@ flags.DEFINE_boolean('learn', False, 'instead of speed: train the learning-check
 flags.DEFINE_integer('learn_steps', 2000, 'with --learn: training steps')
 flags.DEFINE_integer('learn_every', 500, 'with --learn: steps between evaluations')
 flags.DEFINE_integer('learn_images', 0, 'with --learn: validation digits (0: all 500)')
+flags.DEFINE_string('compress', None, 'instead of speed: measure compress.py with this run folder\'s model '
+                    'on its dataset\'s test images, beside PNG and WebP')
+flags.DEFINE_integer('compress_images', 500, 'with --compress: test images (the marginal cost is the file of '
+                     'all minus the file of the first fifth)')
 FLAGS = flags.FLAGS
 
 
@@ -207,7 +212,73 @@ def learn(steps, every, n_images=None):
     return rows
 
 
+def bench_compress(ckpt, n):
+    """compress.py's files against the images' negative ELBO, PNG and WebP; then the cost of
+    the grid (every latent coded) on a fifth of the images."""
+    import io
+    from PIL import Image
+    import compress
+    import sample
+    model, hp, *_ = sample.load(ckpt)
+    images = np.stack(list(data.load_split(hp.dataset, 'test', hp.image_size).take(n).as_numpy_iterator()))
+    first, dims = max(1, len(images) // 5), images[0].size
+    bits = lambda size, count: 8 * size / (count * dims)
+
+    def elbo(x):
+        x_in, target = data.preprocess(x, hp)
+        return np.mean([np.concatenate([model.losses_per_image(x_in[i:i + 100], target[i:i + 100], seed=[s, i])[
+            'elbo'].numpy() for i in range(0, len(x), 100)]).mean() for s in range(4)]) / np.log(2)
+
+    rest_elbo = elbo(images[first:])
+    print(f'{len(images)} {hp.dataset} test images, {images.nbytes:,} bytes raw; negative ELBO '
+          f'{elbo(images):.4f} bits/dim over all, {rest_elbo:.4f} over the {len(images) - first} after the '
+          f'first {first} (4 draws each)', flush=True)
+    for name, fmt, options in (('PNG (optimize)', 'PNG', dict(optimize=True)),
+                               ('WebP lossless', 'WEBP', dict(lossless=True, quality=100, method=6))):
+        size = 0
+        for x in images:
+            buffer = io.BytesIO()
+            Image.fromarray(x).save(buffer, format=fmt, **options)
+            size += len(buffer.getvalue())
+        print(f'{name:<34} {bits(size, len(images)):.4f} bits/dim ({size:,} bytes)', flush=True)
+    rows = []
+    for label, options in (('defaults', {}), ('every latent (--skip_kl=0)', dict(skip_kl=0.))):
+        short, _ = compress.compress(model, images[:first], progress=False, **options)
+        t0 = time.time()
+        whole, stats = compress.compress(model, images, progress=False, **options)
+        t1 = time.time()
+        back = compress.decompress(model, whole, progress=False)
+        t2 = time.time()
+        assert np.array_equal(back, images), 'not lossless'
+        marginal = bits(len(whole) - len(short), len(images) - first)
+        per_image = 8 * (len(whole) - len(short)) / (len(images) - first)
+        rows.append(dict(label=label, file=bits(len(whole), len(images)), bytes=len(whole), marginal=marginal,
+                         vs_elbo=marginal / rest_elbo - 1, initial_bits=stats['initial_bits'],
+                         initial_images=stats['initial_bits'] / per_image, coded=stats['coded_channels'],
+                         compress_img_s=len(images) / (t1 - t0), decompress_img_s=len(images) / (t2 - t1)))
+        r = rows[-1]
+        print(f'compress.py, {label:<22} {r["file"]:.4f} bits/dim ({r["bytes"]:,} bytes); marginal {marginal:.4f} '
+              f'({100 * r["vs_elbo"]:+.2f}% vs ELBO); start-up {r["initial_bits"]:,} bits ({r["initial_images"]:.1f} '
+              f'images); {r["coded"]} latent channels coded; {r["compress_img_s"]:.1f} / {r["decompress_img_s"]:.1f} '
+              'images/s compressing / decompressing; lossless', flush=True)
+    part, step = images[:2 * first], max(1, first // 2)
+    part_elbo = elbo(part[step:])
+    for grid in (1., 2., 4., 8.):       # every latent coded: the grid's own cost
+        short, _ = compress.compress(model, part[:step], grid=grid, skip_kl=0., progress=False)
+        whole, _ = compress.compress(model, part, grid=grid, skip_kl=0., progress=False)
+        marginal = bits(len(whole) - len(short), len(part) - step)
+        rows.append(dict(label=f'grid {grid:g}', marginal=marginal, vs_elbo=marginal / part_elbo - 1))
+        print(f'--grid={grid:g} --skip_kl=0: marginal {marginal:.4f} bits/dim over images {step}..{len(part)} '
+              f'({100 * rows[-1]["vs_elbo"]:+.2f}% vs their ELBO)', flush=True)
+    print(json.dumps(dict(compress=rows)))
+
+
 def main(_):
+    if FLAGS.compress:
+        if FLAGS.compress_images < 2:
+            hparams.fail(f'--compress_images={FLAGS.compress_images} must be at least 2')
+        bench_compress(FLAGS.compress, FLAGS.compress_images)
+        return
     if FLAGS.learn:
         for name, lowest in (('learn_steps', 1), ('learn_every', 1), ('learn_images', 0)):
             if FLAGS[name].value < lowest:

@@ -22,7 +22,7 @@ import cli
 
 README = os.path.join(cli.ROOT, 'README.md')
 CASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'official_case')
-SCRIPTS = ('train.py', 'sample.py', 'convert.py', 'bench.py')
+SCRIPTS = ('train.py', 'sample.py', 'convert.py', 'bench.py', 'compress.py')
 
 
 def readme_commands():
@@ -89,6 +89,12 @@ PLANS = {
     'python sample.py --ckpt=runs/demo --mode=stats': Plan(
         extra=('--n=8',), makes=('runs/demo/figures/stats.png', 'runs/demo/figures/stats.csv')),
     'python sample.py --help': Plan(status=1),
+    # Compression: constriction is pinned in requirements-test.txt, which .ci/run installs.
+    'pip install constriction==0.5.0': 'pinned',
+    'python compress.py --ckpt=runs/demo --images=my_digits/ --out=digits.vdvae': Plan(
+        replace=(('my_digits/', 'digits/'),), makes=('digits.vdvae',)),
+    'python compress.py --decompress=digits.vdvae --ckpt=runs/demo --out=restored/': Plan(
+        makes=('restored/000000.png', 'restored/000002.png'), prints=r'3 images in [\d.]+ s'),
     # Figure 5: the two variants of the top-down path, and the three runs in one figure.
     'python train.py --hparams=demo --unpool=learned --logdir=runs/demo-learned': Plan(
         extra=STEPS, makes=('runs/demo-learned/ckpt/checkpoint',)),
@@ -126,6 +132,8 @@ PLANS = {
     'python bench.py --learn': Plan(
         extra=('--learn_steps=2', '--learn_every=1', '--learn_images=8'),
         prints=r'\n\s+1\s+[\d.]+\s+[\d.]+\s+-\s+-\s+0\s.*\n\s+2\s+[\d.]+\s+[\d.]+\s+-\s+-\s+0\s'),
+    'python bench.py --compress=runs/demo': Plan(
+        extra=('--compress_images=10',), prints=r'every latent \(--skip_kl=0\).*lossless'),
     'python bench.py --presets=cifar10,imagenet32': Plan(
         replace=(('--presets=cifar10,imagenet32', '--presets=tiny'),), extra=('--steps=1', '--batch=2')),
 }
@@ -133,6 +141,7 @@ PLANS = {
 MAKERS = {'runs/demo': 'python train.py --hparams=demo',
           'runs/demo-learned': 'python train.py --hparams=demo --unpool=learned --logdir=runs/demo-learned',
           'runs/demo-ffn': 'python train.py --hparams=demo --top_down_block=ffn --logdir=runs/demo-ffn',
+          'digits.vdvae': 'python compress.py --ckpt=runs/demo --images=my_digits/ --out=digits.vdvae',
           'runs/imagenet32-official': 'python convert.py --torch_ckpt=imagenet32-model-ema.th '
                                       '--hparams=imagenet32 --out=runs/imagenet32-official'}
 
@@ -170,12 +179,13 @@ def made(folder, run_folder):
     folder.mkdir(exist_ok=True)
     with open(folder / f'{run_folder.replace("/", "-")}.lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (folder / run_folder / 'made').exists():
+        marker = folder / f'{run_folder.replace("/", "-")}.made'
+        if not marker.exists():
             run(MAKERS[run_folder], folder)
             if run_folder == 'runs/imagenet32-official':
                 # Fine-tuning writes checkpoints; the other commands read the import as made.
                 shutil.copytree(folder / run_folder, folder / 'runs' / 'imagenet32-finetune')
-            (folder / run_folder / 'made').touch()
+            marker.touch()
     return folder
 
 
@@ -214,7 +224,13 @@ def test_the_readme_installs_and_test_command_are_what_ci_runs():
     assert '-m smoke tests' in script
 
 
-@pytest.mark.parametrize('command', [c for c in PLANS if PLANS[c] not in ('ci', 'ci-tpu')
+def test_the_readme_pins_what_requirements_test_pins():
+    pinned = open(os.path.join(cli.ROOT, 'requirements-test.txt')).read().split()
+    for command in (c for c in PLANS if PLANS[c] == 'pinned'):
+        assert command.split()[-1] in pinned, command
+
+
+@pytest.mark.parametrize('command', [c for c in PLANS if PLANS[c] not in ('ci', 'ci-tpu', 'pinned')
                                      and c not in MAKERS.values()])
 def test_readme_command(command, request, tmp_path):
     # Commands that read no run folder start at once, in an empty folder of their own.
