@@ -359,6 +359,8 @@ def compress_main(model, hp):
         hparams.fail(f'--grid={FLAGS.grid} must be positive and --skip_kl={FLAGS.skip_kl} not negative')
     _refuse_existing(FLAGS.out)
     images = sample.read_images(FLAGS.images, hp, 2 ** 31)
+    if not len(images):
+        hparams.fail(f'--images={FLAGS.images}: no images in it')
     blob, stats = compress(model, images, FLAGS.batch, FLAGS.grid, FLAGS.skip_kl)
     _write(FLAGS.out, blob)
     dims = images[0].size
