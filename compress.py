@@ -21,7 +21,8 @@ left by the earlier images.
 
 Files are exact where the encoder and the decoder compute the same floats: this machine and
 TensorFlow build, with the batch sizes the header implies (tested). Another machine or build is
-not promised to decode a file (a failure shows as a checksum error, not as wrong images).
+not promised to decode a file (a difference ends in the decoder's end check, one error line,
+not in wrong images).
 """
 import hashlib
 import io

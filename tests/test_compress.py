@@ -140,3 +140,16 @@ def test_without_constriction_it_says_how_to_install_it(runs, tmp_path):
     r = cli.run('compress.py', f'--ckpt={mine}', f'--images={root}/digits.npy', f'--out={tmp_path}/x.vdvae',
                 env=dict(PYTHONPATH=str(tmp_path)))
     assert 'pip install constriction==0.5.0' in cli.error_line(r)
+
+
+def test_a_decoder_whose_floats_differ_ends_in_one_error_not_in_wrong_images(trained, monkeypatch):
+    """Another machine's floats, played by weights 0.1% off under a hash that still matches."""
+    images = _digits(3)
+    monkeypatch.setattr(compress, 'weights_hash', lambda m: bytes(32))
+    blob, _ = compress.compress(trained, images, batch=2, progress=False)
+    other = vdvae.VDVAE(trained.hp)
+    rng = np.random.default_rng(0)
+    for v, w in zip(other.weights, trained.weights):
+        v.assign(w * (1. + 1e-3 * rng.standard_normal(w.shape)).astype(np.float32))
+    with pytest.raises(compress.FileError, match='did not end where the encoder began'):
+        compress.decompress(other, blob, progress=False)
