@@ -107,9 +107,9 @@ class DecBlock(keras.layers.Layer):
     def call(self, state, acts=None, latent=None, temperature=1., noise=None, params=None):
         """acts: the encoder's activation at this resolution (z from the posterior); latent: a
         given z, or a function of this layer's dict (p, and q given acts) returning z; else z
-        from the prior at `temperature`. noise: shape -> standard normal
-        draws (the decoder passes each layer its seeded draw; default: unseeded). params:
-        this block's pieces, if the caller has split the stage already."""
+        from the prior at `temperature`. noise: shape -> standard normal draws (the decoder
+        passes each layer its seeded draw; default: unseeded). params: this block's pieces,
+        if the caller has split the stage already."""
         dtype = self.compute_dtype
         params = params if params is not None else self.row.weights(dtype)
         x = state[self.res]
