@@ -72,6 +72,21 @@ def writing(path, what, then=''):
         hparams.fail(f'{path}: cannot write {what} ({reason(e)}){then}')
 
 
+def write_whole(path, data, suffix='.tmp'):
+    """`data` (bytes or str) to `path`: written beside it, then renamed, so that a reader never
+    sees half a file; a failed write leaves no temporary file behind. gs:// paths too."""
+    tmp = path + suffix
+    tf.io.gfile.makedirs(os.path.dirname(path) or '.')
+    try:
+        with tf.io.gfile.GFile(tmp, 'wb' if isinstance(data, bytes) else 'w') as f:
+            f.write(data)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    except BaseException:         # a full disk: nothing half-written stays
+        if tf.io.gfile.exists(tmp):
+            tf.io.gfile.remove(tmp)
+        raise
+
+
 def reason(e):
     """What an I/O error says, without TF's op and function decorations."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

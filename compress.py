@@ -34,11 +34,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags
 import numpy as np
-from PIL import Image
 import tensorflow as tf
 
 import checkpoints
 import data
+from figures import write_png
 import hparams
 import model as vdvae
 import sample
@@ -144,8 +144,8 @@ def pop_pixels(coder, pixels, c_lib):
 # ---------------------------------------------------------------------------------------
 # The latents, on a grid in units of each prior's scale.
 class Latents:
-    def __init__(self, model, grid, coded, c_lib):
-        self.model, self.grid, self.coded = model, float(grid), coded          # coded: (L, zdim) bool
+    def __init__(self, grid, coded, c_lib):
+        self.grid, self.coded = float(grid), coded          # coded: (L, zdim) bool
         limit = int(round(RANGE * self.grid))
         self.family = c_lib.stream.model.QuantizedGaussian(-limit, limit)
 
@@ -265,7 +265,7 @@ def compress(model, images, batch=4, grid=2., skip_kl=1e-2, progress=True):
     grid = float(np.float32(grid))            # as the header stores it, so both sides use it
     coded = coded_channels(model, images, batch, skip_kl) if skip_kl > 0 else \
         np.ones((model.num_layers, model.hp.zdim), bool)
-    latents = Latents(model, grid, coded, c_lib)
+    latents = Latents(grid, coded, c_lib)
     sizes, t0 = batches(len(images), batch), time.time()
     # Random words under the first pops; a run that reaches the bottom starts again with more,
     # then the words no pop reached are dropped (the pops take from the top only).
@@ -273,7 +273,7 @@ def compress(model, images, batch=4, grid=2., skip_kl=1e-2, progress=True):
     while True:
         coder = c_lib.stream.stack.AnsCoder(_initial_words(words))
         low, start = [], 0
-        for k, size in enumerate(sizes):
+        for size in sizes:
             low.append(encode_batch(coder, model, latents, images[start:start + size], c_lib))
             start += size
             if progress:
@@ -325,7 +325,7 @@ def decompress(model, blob, name='file', progress=True):
                         'this checkpoint\'s): pass the --ckpt it was made with')
     coded = np.frombuffer(body[:mask_bytes], np.uint8).reshape(h['layers'], h['zdim']).astype(bool)
     coder = c_lib.stream.stack.AnsCoder(np.frombuffer(body[mask_bytes:], '<u4').astype(np.uint32))
-    latents = Latents(model, h['grid'], coded, c_lib)
+    latents = Latents(h['grid'], coded, c_lib)
     sizes, out, t0 = batches(h['n'], h['batch']), [], time.time()
     for size in reversed(sizes):
         out.append(decode_batch(coder, model, latents, size, c_lib))
@@ -340,12 +340,8 @@ def decompress(model, blob, name='file', progress=True):
 # ---------------------------------------------------------------------------------------
 # The command line.
 def _write(path, blob):
-    """Whole or not at all: written beside, then renamed."""
     with checkpoints.writing(path, 'the file', '; nothing was written'):
-        tf.io.gfile.makedirs(os.path.dirname(path) or '.')
-        with tf.io.gfile.GFile(path + '.tmp', 'wb') as f:
-            f.write(blob)
-        tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+        checkpoints.write_whole(path, blob)
 
 
 def _refuse_existing(path):
@@ -390,9 +386,7 @@ def decompress_main(model):
         _write(FLAGS.out, buffer.getvalue())
     else:
         for i, image in enumerate(images):
-            buffer = io.BytesIO()
-            Image.fromarray(image).save(buffer, format='PNG')
-            _write(os.path.join(FLAGS.out, f'{i:06d}.png'), buffer.getvalue())
+            write_png(image, os.path.join(FLAGS.out, f'{i:06d}.png'))
     print(f'{len(images)} images in {seconds:.1f} s ({len(images) / seconds:.1f} images/s)\nwrote {FLAGS.out}')
 
 

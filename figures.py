@@ -1,14 +1,13 @@
 """Pictures, drawn with PIL alone: image grids with labels, line plots, the rate per layer
 (figure 5, one run or several), and the run folder's figures (curve.png: bits/dim;
-grad_norm.png: the paper's figure 6, the gradient norm against the skip threshold). Every PNG is written whole, then renamed, through tf.io.gfile (gs:// too)."""
+grad_norm.png: the paper's figure 6, the gradient norm against the skip threshold). Every PNG
+is written whole, then renamed, through tf.io.gfile (gs:// too)."""
 import io
 import json
 import math
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-import tensorflow as tf
 
 import checkpoints
 
@@ -25,17 +24,9 @@ def grid(rows):
 
 def save_png(image, path):
     """Written whole, then renamed (a reader never sees half a file); gs:// paths too."""
-    tf.io.gfile.makedirs(os.path.dirname(path) or '.')
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format='PNG')
-    try:
-        with tf.io.gfile.GFile(path + '.tmp.png', 'wb') as f:
-            f.write(buffer.getvalue())
-        tf.io.gfile.rename(path + '.tmp.png', path, overwrite=True)
-    except BaseException:         # a full disk: no half-written file is left behind
-        if tf.io.gfile.exists(path + '.tmp.png'):
-            tf.io.gfile.remove(path + '.tmp.png')
-        raise
+    checkpoints.write_whole(path, buffer.getvalue(), '.tmp.png')
 
 
 def write_png(image, path):

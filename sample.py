@@ -384,10 +384,7 @@ def stats_mode(runs):
     text = io.StringIO()
     csv.writer(text).writerows(rows)
     with checkpoints.writing(csv_path, 'the table', '; nothing was written'):
-        tf.io.gfile.makedirs(os.path.dirname(csv_path) or '.')
-        with tf.io.gfile.GFile(csv_path + '.tmp', 'w') as f:
-            f.write(text.getvalue())
-        tf.io.gfile.rename(csv_path + '.tmp', csv_path, overwrite=True)
+        checkpoints.write_whole(csv_path, text.getvalue())
     if len(runs) == 1:
         picture = rate_figure([b.res for b in results[0][1].decoder.blocks], results[0][2], latent_share(results[0][1]))
     else:
@@ -423,6 +420,8 @@ def main(_):
     if unused:
         hparams.fail(f'--{unused[0]} means nothing with --mode={FLAGS.mode}')
     ckpts = [c for c in FLAGS.ckpt.split(',') if c]
+    if not ckpts:
+        hparams.fail(f'--ckpt={FLAGS.ckpt} names no run folder or ckpt-N prefix')
     if len(ckpts) > 1 and FLAGS.mode != 'stats':
         hparams.fail(f'--ckpt names {len(ckpts)} checkpoints; only --mode=stats compares several')
     runs = []

@@ -520,10 +520,7 @@ def check_run_folder(logdir, hp):
             print(f'resuming with {k}={mine[k]} (the run had {theirs[k]})')
     # Written on every start, even unchanged: a folder we cannot write is found before training.
     with checkpoints.writing(logdir, 'the run folder', '; nothing in it was changed'):
-        tf.io.gfile.makedirs(logdir)
-        with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
-            f.write(json.dumps(mine, indent=1))
-        tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+        checkpoints.write_whole(path, json.dumps(mine, indent=1))
 
 
 # ---------------------------------------------------------------------------------------
