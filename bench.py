@@ -23,6 +23,7 @@ beside the official code's for the same configuration.
 """
 import json
 import os
+import resource
 import tempfile
 import time
 
@@ -36,17 +37,27 @@ import tensorflow as tf
 import data
 import hparams
 import model as vdvae
+import sample
 import train
 
 flags.DEFINE_list('presets', ['cifar10', 'imagenet32'], 'presets to measure')
 flags.DEFINE_integer('batch', 8, 'batch size')
 flags.DEFINE_integer('steps', 3, 'steady-state steps to time after the first')
+flags.DEFINE_list('paths', ['train', 'eval', 'sample'], 'what to time: train (train.py\'s step), eval '
+                  '(its ELBO evaluation step), sample (sample.py\'s sampler, temperature 0.85)')
+flags.DEFINE_integer('eval_batch', 32, 'batch size of eval and sample')
+flags.DEFINE_enum('precision', 'float32', ['float32', 'mixed_bfloat16'], 'compute precision, as train.py\'s '
+                  '(bfloat16 is measured only where the CPU has bfloat16 units)')
+flags.DEFINE_boolean('remat', False, 'train.py --remat: rematerialise each block\'s activations')
+flags.DEFINE_boolean('ceiling', True, 'time a bare 3x3 conv in float32 (and bfloat16) first: this '
+                     'machine\'s conv throughput, against which the model\'s is given')
 flags.DEFINE_boolean('grappler', None, 'Grappler graph optimisation (default: off for the '
                      'stacked layout, where it only slows the start; on for the naive one)')
 flags.DEFINE_enum('layout', 'stacked', ['stacked', 'naive'],
                   "stacked: this project's model; naive: the same model with one variable per "
                   'conv kernel and bias, TF-op GELU with autodiff and no per-block functions')
-flags.DEFINE_boolean('jit_compile', False, 'compile the train step as one XLA program (as a TPU does)')
+flags.DEFINE_boolean('jit_compile', False, 'compile each timed path as one XLA program (as a TPU does)')
+flags.DEFINE_alias('xla', 'jit_compile')
 flags.DEFINE_boolean('data', False, 'also time the input pipeline alone (images/s)')
 flags.DEFINE_float('data_seconds', 3., 'seconds to time each input pipeline for')
 flags.DEFINE_boolean('learn', False, 'instead of speed: train the learning-check configuration on '
@@ -96,35 +107,126 @@ def configure_tf(grappler=False):
         tf.config.optimizer.set_experimental_options({'disable_meta_optimizer': True})
 
 
-def bench_train_step(hp, batch, steps):
-    """train.py's own step (the update rule: clip, skip, EMA, the official AdamW) on random
-    data; the model's cost does not depend on the pixels."""
-    strategy = tf.distribute.get_strategy()
-    t0 = time.time()
-    state = train.create_state(hp, strategy)
-    build = time.time() - t0
-    step = train.make_train_step(state, hp, strategy, jit_compile=FLAGS.jit_compile)
+def random_batch(hp, batch):
+    """Random (x_in, target): the model's cost does not depend on the pixels."""
     shape = (batch, hp.image_size, hp.image_size, 3)
     rng = np.random.default_rng(0)
-    x_in = tf.constant(rng.normal(size=shape), tf.float32)
-    target = tf.constant(rng.integers(0, 256, size=shape) / 127.5 - 1., tf.float32)
+    return (tf.constant(rng.normal(size=shape), tf.float32),
+            tf.constant(rng.integers(0, 256, size=shape) / 127.5 - 1., tf.float32))
+
+
+def timed(run, steps):
+    """Seconds of the first call of `run` (trace, graph optimisation, run) and the median of
+    `steps` more."""
     t0 = time.time()
-    step.get_concrete_function(x_in, target)
-    trace = time.time() - t0
-    out = step(x_in, target)
-    float(out['elbo'])
+    run()
     first = time.time() - t0
     times = []
     for _ in range(steps):
         t0 = time.time()
-        out = step(x_in, target)
-        float(out['elbo'])
+        run()
         times.append(time.time() - t0)
-    assert np.isfinite(float(out['elbo'])), out
-    model = state.model
-    return dict(variables=len(model.trainable_variables), params=vdvae.count_params(model),
-                build=build, trace=trace, first=first, step=float(np.median(times)),
-                img_s=batch / float(np.median(times)))
+    return first, float(np.median(times))
+
+
+def bench_train_step(hp, batch, steps, remat=False, jit_compile=False):
+    """train.py's own step (the update rule: clip, skip, EMA, the official AdamW). Memory: the
+    resident size once the model and optimizer are built, and the process's peak after training."""
+    strategy = tf.distribute.get_strategy()
+    t0 = time.time()
+    state = train.create_state(hp, strategy, remat=remat)
+    build = time.time() - t0
+    resident = rss_gb()
+    step = train.make_train_step(state, hp, strategy, jit_compile=jit_compile)
+    x_in, target = random_batch(hp, batch)
+    t0 = time.time()
+    step.get_concrete_function(x_in, target)
+    trace = time.time() - t0
+    first, steady = timed(lambda: float(step(x_in, target)['elbo']), steps)
+    return state, dict(variables=len(state.model.trainable_variables), params=vdvae.count_params(state.model),
+                       build=build, trace=trace, first=trace + first, step=steady, img_s=batch / steady,
+                       resident_gb=resident, peak_gb=peak_rss_gb())
+
+
+def bench_eval(model, hp, batch, steps, jit_compile=False):
+    """train.py's evaluation step (the negative ELBO of a batch, noise seeded per batch)."""
+    step = train.make_eval_step(model, hp, tf.distribute.get_strategy(), jit_compile)
+    x_in, target = random_batch(hp, batch)
+    mask = tf.ones([batch])
+    first, steady = timed(lambda: float(step(x_in, target, mask)['elbo']), steps)
+    return dict(first=first, step=steady, img_s=batch / steady, peak_gb=peak_rss_gb())
+
+
+def bench_sampling(model, batch, steps, jit_compile=False):
+    """sample.py's sampler at temperature 0.85."""
+    sampler = sample.make_sampler(model, jit_compile)
+    first, steady = timed(lambda: sampler(batch, 0.85, [0, 0]).numpy(), steps)
+    return dict(first=first, step=steady, img_s=batch / steady, peak_gb=peak_rss_gb())
+
+
+# ---------------------------------------------------------------------------------------
+# This machine: its conv throughput, bf16 units, memory.
+CEILING_CONV = (16, 32, 32, 96, 96)       # batch, height, width, channels in, out; 3x3, SAME
+
+
+def conv_ceiling(dtype, seconds=2.):
+    """GFLOP/s of one bare 3x3 conv (CEILING_CONV) in `dtype`: what this machine's convolution
+    kernels reach, the ceiling for a model made of convolutions."""
+    b, h, w, c_in, c_out = CEILING_CONV
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(b, h, w, c_in)), dtype)
+    kernel = tf.constant(rng.normal(size=(3, 3, c_in, c_out)) * 0.1, dtype)
+    run = tf.function(lambda x, k: tf.reduce_sum(tf.cast(tf.nn.conv2d(x, k, 1, 'SAME')[0, 0, 0], tf.float32)))
+    for _ in range(3):
+        run(x, kernel).numpy()
+    n, t0 = 0, time.time()
+    while time.time() - t0 < seconds:
+        run(x, kernel).numpy()
+        n += 1
+    return 2 * b * h * w * 9 * c_in * c_out * n / (time.time() - t0) / 1e9
+
+
+def conv_flops(model, batch, path):
+    """Multiply-adds x 2 of every convolution one step of `path` runs: train (forward, then
+    the gradients of inputs and of kernels: 3x the forward), eval (the posterior pass) or
+    sample (the prior path). Element-wise work is not counted; rematerialised forwards are not
+    counted either (work done again is not work done)."""
+    per_pixel = lambda kernel: 2 * batch * int(np.prod(kernel))
+    hp, total = model.hp, 0
+    if path != 'sample':
+        total += per_pixel(model.encoder.in_kernel.shape) * hp.image_size ** 2
+        for block in model.encoder.blocks:
+            stack = block.row.stack
+            total += sum(per_pixel(shape) for name, shape, _ in stack.pieces if name.endswith('kernel')) * block.res ** 2
+    for block in model.decoder.blocks:
+        stack = block.row.stack
+        roles = ('prior/', 'z_proj/', 'resnet/') + (() if path == 'sample' else ('posterior/',))
+        total += sum(per_pixel(shape) for name, shape, _ in stack.pieces
+                     if name.endswith('kernel') and name.startswith(roles)) * block.res ** 2
+        if block.unpool is not None:
+            total += per_pixel(block.unpool.kernel.shape) * block.mixin ** 2
+    total += per_pixel(model.decoder.out_kernel.shape) * hp.image_size ** 2
+    return total * (3 if path == 'train' else 1)
+
+
+def bf16_units():
+    """The CPU's bfloat16 instruction sets named in /proc/cpuinfo (empty: none, or not Linux)."""
+    try:
+        flags_line = next(line for line in open('/proc/cpuinfo') if line.startswith('flags'))
+    except (OSError, StopIteration):
+        return []
+    return sorted({'avx512_bf16', 'amx_bf16'} & set(flags_line.split()))
+
+
+def rss_gb():
+    """This process's resident memory now."""
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 1e9
+
+
+def peak_rss_gb():
+    """This process's peak resident memory so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def bench_data(hp, seconds):
@@ -280,24 +382,77 @@ def main(_):
                 hparams.fail(f'--{name}={FLAGS[name].value} must be at least {lowest}')
         learn(FLAGS.learn_steps, FLAGS.learn_every, FLAGS.learn_images)
         return
+    paths = [p for p in FLAGS.paths if p]
+    if set(paths) - {'train', 'eval', 'sample'} or not paths:
+        hparams.fail(f'--paths={",".join(FLAGS.paths)}: choose from train, eval, sample')
+    for name in ('batch', 'eval_batch', 'steps'):
+        if FLAGS[name].value < 1:
+            hparams.fail(f'--{name}={FLAGS[name].value} must be at least 1')
+    presets = {name: hparams.exit_on_error(hparams.load, name) for name in FLAGS.presets}
     pipeline = bench_pipelines(FLAGS.batch, FLAGS.data_seconds) if FLAGS.data else None
     grappler = FLAGS.layout == 'naive' if FLAGS.grappler is None else FLAGS.grappler
     configure_tf(grappler)
     if FLAGS.layout == 'naive':
         use_naive_layout()
-    print(f'tensorflow {tf.__version__}, keras {keras.__version__}, {os.cpu_count()} cpus, '
-          f'layout {FLAGS.layout}, grappler {"on" if grappler else "off"}, XLA {"on" if FLAGS.jit_compile else "off"}')
-    print(f'{"preset":<11} {"batch":>5} {"vars":>5} {"params":>12} {"build s":>8} {"trace s":>8} '
-          f'{"first step s":>12} {"step s":>7} {"img/s":>6}')
-    for name in FLAGS.presets:
-        hp = hparams.exit_on_error(hparams.load, name)
-        r = bench_train_step(hp, FLAGS.batch, FLAGS.steps)
-        print(f'{name:<11} {FLAGS.batch:>5} {r["variables"]:>5} {r["params"]:>12,} {r["build"]:>8.1f} '
-              f'{r["trace"]:>8.1f} {r["first"]:>12.1f} {r["step"]:>7.2f} {r["img_s"]:>6.2f}', flush=True)
-        if pipeline and hp.image_size == 32:
-            rate = pipeline['cifar10-shaped npy']
-            print(f'{"":<11} the cifar10-shaped input pipeline delivers {rate:,.0f} images/s, '
-                  f'{rate / r["img_s"]:,.0f}x what this train step consumes', flush=True)
+    units, precision = bf16_units(), FLAGS.precision
+    if precision == 'mixed_bfloat16' and not units:
+        print('this CPU has no bfloat16 units (neither avx512_bf16 nor amx_bf16 in /proc/cpuinfo): '
+              'measuring float32 only')
+        precision = 'float32'
+    machine = dict(cpu=cpu_name(), cpus=os.cpu_count(), bf16_units=units, tensorflow=tf.__version__,
+                   keras=keras.__version__)
+    if FLAGS.ceiling:
+        machine['conv_gflops'] = {'float32': conv_ceiling(tf.float32)}
+        if units:
+            machine['conv_gflops']['bfloat16'] = conv_ceiling(tf.bfloat16)
+    settings = dict(layout=FLAGS.layout, grappler=grappler, xla=FLAGS.jit_compile, precision=precision,
+                    remat=FLAGS.remat)
+    print(f'{machine["cpu"]}, {machine["cpus"]} cpus, bfloat16 units: {", ".join(units) or "none"}; '
+          f'tensorflow {tf.__version__}, keras {keras.__version__}')
+    if FLAGS.ceiling:
+        print('bare 3x3 conv {}x{}x{}x{} -> {}: '.format(*CEILING_CONV) + ', '.join(
+            f'{v:.0f} GFLOP/s in {k}' for k, v in machine['conv_gflops'].items()))
+    print(', '.join(f'{k} {"on" if v is True else "off" if v is False else v}' for k, v in settings.items()))
+    ceiling = machine.get('conv_gflops', {}).get('bfloat16' if precision == 'mixed_bfloat16' else 'float32')
+    if precision != 'float32':
+        keras.config.set_dtype_policy(precision)
+    print(f'{"preset":<11} {"path":<6} {"batch":>5} {"params":>12} {"first s":>8} {"step s":>7} {"img/s":>6} '
+          f'{"GFLOP/s":>8} {"of conv":>7} {"model GB":>8} {"peak GB":>7}')
+    rows = []
+    for name, hp in presets.items():
+        state, model = None, None
+        for path in paths:
+            batch = FLAGS.batch if path == 'train' else FLAGS.eval_batch
+            if path == 'train':
+                state, r = bench_train_step(hp, batch, FLAGS.steps, FLAGS.remat, FLAGS.jit_compile)
+                model = state.model
+            else:
+                model = model or vdvae.VDVAE(hp)
+                r = (bench_eval(model, hp, batch, FLAGS.steps, FLAGS.jit_compile) if path == 'eval'
+                     else bench_sampling(model, batch, FLAGS.steps, FLAGS.jit_compile))
+            r.update(preset=name, path=path, batch=batch, params=vdvae.count_params(model),
+                     gflops=conv_flops(model, batch, path) / r['step'] / 1e9)
+            r['of_conv'] = r['gflops'] / ceiling if ceiling else None
+            rows.append(r)
+            print(f'{name:<11} {path:<6} {batch:>5} {r["params"]:>12,} {r["first"]:>8.1f} {r["step"]:>7.2f} '
+                  f'{r["img_s"]:>6.2f} {r["gflops"]:>8.0f} {format(r["of_conv"], ".0%") if ceiling else "-":>7} '
+                  f'{format(r["resident_gb"], ".2f") if "resident_gb" in r else "-":>8} {r["peak_gb"]:>7.2f}',
+                  flush=True)
+            if path == 'train' and pipeline and hp.image_size == 32:
+                rate = pipeline['cifar10-shaped npy']
+                print(f'{"":<11} the cifar10-shaped input pipeline delivers {rate:,.0f} images/s, '
+                      f'{rate / r["img_s"]:,.0f}x what this train step consumes', flush=True)
+    print('first s: the first call (trace, graph optimisation, run; train: from the built model). model GB: '
+          'resident once the model and optimizer are built; peak GB: the process\'s peak so far (one preset per '
+          'run to compare memory)')
+    print(json.dumps(dict(machine=machine, settings=settings, rows=rows)))
+
+
+def cpu_name():
+    try:
+        return next(line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name'))
+    except (OSError, StopIteration):
+        return 'unknown CPU'
 
 
 if __name__ == '__main__':

@@ -20,6 +20,9 @@ first step 21.5 s instead of 130.6 s, steady step 7.98 s instead of 10.62 s (REA
 code looks the way it does").
 
 The layers of model.py hold references into these stacks; they own no variables of their own.
+
+rematerialised() trades compute for memory (train.py --remat): a block keeps only its inputs
+for the backward pass and computes everything else again there.
 """
 import functools
 import math
@@ -149,3 +152,21 @@ def gelu_conv(x, kernel, bias):
             input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=[1, 1, 1, 1], padding='SAME')
         return _gelu_backward(x, d_g), d_kernel, tf.reduce_sum(dy, axis=[0, 1, 2])
     return conv(_gelu_forward(x), kernel, bias), grad
+
+
+# ---------------------------------------------------------------------------------------
+# Rematerialisation.
+def rematerialised(fn, *args):
+    """fn(*args), keeping only args for the backward pass: everything fn computes in between is
+    computed again there, once the gradient of its outputs has arrived (tf.recompute_grad).
+    args and fn's result: nested structures of float tensors. Whatever else fn reads (seeds,
+    a layer's own variables) it reads again in the recomputation, so its random draws must be
+    seeded."""
+    flat_args, structure = tf.nest.flatten(args), []
+
+    def flat_fn(*flat):
+        out = fn(*tf.nest.pack_sequence_as(args, list(flat)))
+        structure.append(out)
+        return tf.nest.flatten(out)     # tf.recompute_grad pairs output gradients with a flat list
+    flat_out = tf.recompute_grad(flat_fn)(*flat_args)
+    return tf.nest.pack_sequence_as(structure[0], flat_out)

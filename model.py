@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fastgraph import ParamStack, StackRow, bottleneck, conv
+from fastgraph import ParamStack, StackRow, bottleneck, conv, rematerialised
 from hparams import parse_blocks, widths
 
 
@@ -194,13 +194,16 @@ class Encoder(keras.layers.Layer):
                        for i, ((res, down), row) in enumerate(zip(parsed, rows))]
         self.built = True
 
-    def activations(self, x):
+    def activations(self, x, remat=False):
+        """remat: each block keeps only its input for the backward pass (fastgraph.rematerialised)."""
         dtype = self.compute_dtype
         x = conv(tf.cast(x, dtype), tf.cast(self.in_kernel, dtype), tf.cast(self.in_bias, dtype))
         acts = {self.hp.image_size: x}
         params = {r: s.unstack(dtype) for r, s in self.stages.items()}    # one split per stage
         for block in self.blocks:
-            x = acts[block.res_out] = block(x, params=params[block.res][block.row.j])
+            p = params[block.res][block.row.j]
+            x = acts[block.res_out] = (rematerialised(lambda x, p, b=block: b(x, params=p), x, p) if remat
+                                       else block(x, params=p))
         return acts
 
 
@@ -263,24 +266,31 @@ class Decoder(keras.layers.Layer):
                     if r in self.bias_states else tf.zeros([n, r, r, self.width[r]], dtype))
                 for r in self.stages}
 
-    def top_down(self, n, acts=None, latents=(), temperatures=None, seed=None, noise_rows=None):
+    def top_down(self, n, acts=None, latents=(), temperatures=None, seed=None, noise_rows=None, remat=False):
         """Run every DecBlock in order. With `acts` (the encoder's), z comes from the posterior
         and each layer reports its KL; without, from the prior at `temperatures[i]`. The first
         len(latents) layers use the given latents instead (tensors, or functions of the
         layer's distributions: see DecBlock). Returns (DMoL params, per-layer dicts
         as DecBlock returns them). noise_rows=(offset, total): draw noise for a batch of `total`
         images and use rows offset..offset+n, so a replica's images get the noise they would
-        get in one batch."""
+        get in one batch. remat (posterior path): each block keeps only its inputs for the
+        backward pass (fastgraph.rematerialised)."""
         noise_seeds = _split_seed(seed, len(self.blocks))
         params = {r: s.unstack(self.compute_dtype) for r, s in self.stages.items()}   # one split per stage
         state, layers = self.initial_state(n), []
         for i, block in enumerate(self.blocks):
-            state[block.res], layer = block(
-                state, acts=None if acts is None else acts[block.res],
-                latent=latents[i] if i < len(latents) else None,
-                temperature=1. if temperatures is None else temperatures[i],
-                noise=functools.partial(_normal, seed=noise_seeds[i], rows=noise_rows),
-                params=params[block.res][block.row.j])
+            noise = functools.partial(_normal, seed=noise_seeds[i], rows=noise_rows)
+            p = params[block.res][block.row.j]
+            if remat and acts is not None and i >= len(latents):
+                inputs = {r: state[r] for r in (block.res, block.mixin) if r is not None}
+                state[block.res], layer = rematerialised(
+                    lambda inputs, a, p, b=block, noise=noise: b(inputs, acts=a, noise=noise, params=p),
+                    inputs, acts[block.res], p)
+            else:
+                state[block.res], layer = block(
+                    state, acts=None if acts is None else acts[block.res],
+                    latent=latents[i] if i < len(latents) else None,
+                    temperature=1. if temperatures is None else temperatures[i], noise=noise, params=p)
             layers.append(layer)
         return self.likelihood_params(state[self.hp.image_size]), layers
 
@@ -299,9 +309,11 @@ class VDVAE(keras.Model):
     x_in: the preprocessed network input (B, H, W, 3); target: the image in [-1, 1].
     seed: an optional [2] int tensor making every random draw reproducible."""
 
-    def __init__(self, hp, **kwargs):
+    def __init__(self, hp, remat=False, **kwargs):
+        """remat: the posterior pass keeps only each block's inputs for the backward pass and
+        computes the rest again there (less activation memory, more compute; same values)."""
         super().__init__(name=kwargs.pop('name', 'vdvae'), **kwargs)
-        self.hp = hp
+        self.hp, self.remat = hp, remat
         self.encoder = Encoder(hp, name='encoder')
         self.decoder = Decoder(hp, name='decoder')
         self.num_layers = len(self.decoder.blocks)
@@ -368,8 +380,9 @@ class VDVAE(keras.Model):
         return t
 
     def _posterior_pass(self, x_in, seed, noise_rows=None):
-        acts = self.encoder.activations(x_in)
-        return self.decoder.top_down(tf.shape(x_in)[0], acts=acts, seed=seed, noise_rows=noise_rows)
+        acts = self.encoder.activations(x_in, self.remat)
+        return self.decoder.top_down(tf.shape(x_in)[0], acts=acts, seed=seed, noise_rows=noise_rows,
+                                     remat=self.remat)
 
     def _dims(self):
         return float(self.hp.image_size ** 2 * self.hp.image_channels)

@@ -51,6 +51,9 @@ def define_flags():
                       '(TPU: bfloat16 passes, Ampere+ GPU: TF32). No effect on CPUs or in bfloat16')
     flags.DEFINE_boolean('jit_compile', False, 'compile each train and eval step as one XLA program '
                          '(a TPU always does; on GPUs it may be faster; README: Colab and TPU)')
+    flags.DEFINE_boolean('remat', False, 'rematerialise: each block keeps only its inputs for the backward '
+                         'pass and computes the rest again there (less activation memory for more compute; '
+                         'the same updates; README: Performance)')
     flags.DEFINE_integer('log_every', 10, 'steps between log lines')
     flags.DEFINE_integer('steps_per_call', 0, 'updates per host call (a TPU idles while the host '
                          'dispatches each call); a call also ends where a log line, checkpoint, sample '
@@ -166,10 +169,11 @@ def _counter(name):
                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
 
-def create_state(hp, strategy, loss_scale=1.):
-    """loss_scale > 1: float16 training with a dynamic loss scale starting there."""
+def create_state(hp, strategy, loss_scale=1., remat=False):
+    """loss_scale > 1: float16 training with a dynamic loss scale starting there. remat: the
+    model recomputes each block's activations in the backward pass (VDVAE)."""
     with strategy.scope():
-        model = vdvae.VDVAE(hp)
+        model = vdvae.VDVAE(hp, remat=remat)
         step = _counter('step')
         optimizer = AdamW(
             WarmUp(hp.lr, hp.warmup_iters, step), beta_1=hp.adam_beta1, beta_2=hp.adam_beta2,
@@ -627,7 +631,8 @@ def run(_):
     print(f'{FLAGS.hparams}: {hp.batch_size} images per replica x {replicas} replicas = '
           f'{hp.batch_size * replicas} per step, {strategy.__class__.__name__}, logdir {logdir}')
 
-    state = create_state(hp, strategy, loss_scale=2. ** 15 if FLAGS.precision == 'mixed_float16' else 1.)
+    state = create_state(hp, strategy, loss_scale=2. ** 15 if FLAGS.precision == 'mixed_float16' else 1.,
+                         remat=FLAGS.remat)
     # The EMA weights, for evaluation and the preview grids (what sample.py and --test_eval use).
     if FLAGS.eval_every or FLAGS.samples_every:
         with strategy.scope():

@@ -373,3 +373,43 @@ def test_checkpoint_format_is_the_one_earlier_run_folders_hold(tiny_model):
     assert [name for name, _, _ in tiny_model.encoder.stages[8].pieces] == convs('')
     assert [name for name, _, _ in tiny_model.decoder.stages[8].pieces] == (
         convs('posterior/') + convs('prior/') + ['z_proj/kernel', 'z_proj/bias'] + convs('resnet/'))
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize('unpool', ['nearest', 'learned'])
+def test_remat_recomputes_every_block_in_the_backward_pass_with_the_same_losses_and_gradients(unpool, monkeypatch):
+    hp = hparams.load('tiny', unpool=unpool)
+    keras.utils.set_random_seed(1)
+    plain, remat = model.VDVAE(hp), model.VDVAE(hp, remat=True)
+    for a, b in zip(plain.weights, remat.weights):
+        b.assign(a)
+    calls = {'enc': 0, 'dec': 0}
+    for name, cls in (('enc', model.EncBlock), ('dec', model.DecBlock)):
+        def counted(self, *args, _call=cls.call, _name=name, **kwargs):
+            calls[_name] += 1
+            return _call(self, *args, **kwargs)
+        monkeypatch.setattr(cls, 'call', counted)
+    x = tf.constant(np.random.default_rng(0).uniform(-1, 1, (3, hp.image_size, hp.image_size, 3)), tf.float32)
+
+    def losses_and_grads(m):
+        @tf.function(autograph=False)
+        def run(x):
+            with tf.GradientTape() as tape:
+                out = m.losses_per_image(x, x, seed=[1, 2])
+                loss = tf.reduce_mean(out['elbo'])
+            return out, tape.gradient(loss, m.trainable_variables)
+        before = dict(calls)
+        out = run(x)
+        return out, {k: calls[k] - before[k] for k in calls}
+
+    (out_plain, g_plain), n_plain = losses_and_grads(plain)
+    (out_remat, g_remat), n_remat = losses_and_grads(remat)
+    n_enc, n_dec = len(plain.encoder.blocks), len(plain.decoder.blocks)
+    assert n_plain == {'enc': n_enc, 'dec': n_dec}
+    assert n_remat == {'enc': 2 * n_enc, 'dec': 2 * n_dec}     # the forward, and again in the backward pass
+    for k in out_plain:
+        np.testing.assert_allclose(out_remat[k], out_plain[k], rtol=1e-6)
+    assert len(g_remat) == len(g_plain) == len(plain.trainable_variables)
+    for v, a, b in zip(plain.trainable_variables, g_plain, g_remat):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * float(np.abs(a).max()), err_msg=v.path)
+        assert np.abs(a).max() > 0, v.path
