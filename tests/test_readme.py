@@ -125,7 +125,8 @@ PLANS = {
         replace=(('gs://bucket/tfds', 'tfds'),),
         error=r'downsampled_imagenet/32x32: not prepared in tfds, and tfds cannot download it: no network'),
     'python bench.py --presets=cifar10 --jit_compile': Plan(
-        replace=(('--presets=cifar10', '--presets=tiny'),), extra=('--steps=1', '--batch=2')),
+        replace=(('--presets=cifar10', '--presets=tiny'),), extra=('--steps=1', '--batch=2', '--eval_batch=2',
+                                                                  '--ceiling=false')),
     'python train.py --hparams=demo --dataset=folder:/path/to/my/images --logdir=runs/mine': Plan(
         replace=(('/path/to/my/images', 'digits'),), extra=STEPS,
         makes=('runs/mine/ckpt/checkpoint', 'runs/mine/samples/step-00000002.png')),
@@ -134,8 +135,21 @@ PLANS = {
         prints=r'\n\s+1\s+[\d.]+\s+[\d.]+\s+-\s+-\s+0\s.*\n\s+2\s+[\d.]+\s+[\d.]+\s+-\s+-\s+0\s'),
     'python bench.py --compress=runs/demo': Plan(
         extra=('--compress_images=10',), prints=r'every latent \(--skip_kl=0\).*lossless'),
+    'python bench.py --presets=cifar10': Plan(
+        replace=(('--presets=cifar10', '--presets=tiny'),), extra=('--steps=1', '--batch=2', '--eval_batch=2'),
+        prints=r'tiny +sample +2 .*\n.*\n\{"machine"'),
+    'python bench.py --presets=cifar10 --precision=mixed_bfloat16': Plan(
+        replace=(('--presets=cifar10', '--presets=tiny'),),
+        extra=('--steps=1', '--batch=2', '--eval_batch=2', '--ceiling=false'), prints=r'"precision": "(mixed_bfloat16|float32)"'),
+    'python bench.py --presets=imagenet64 --batch=4 --paths=train --remat': Plan(
+        replace=(('--presets=imagenet64 --batch=4', '--presets=tiny --batch=2'),), extra=('--steps=1', '--ceiling=false'),
+        prints=r'"remat": true'),
+    'python bench.py --presets=cifar10 --xla --paths=eval,sample': Plan(
+        replace=(('--presets=cifar10', '--presets=tiny'),), extra=('--steps=1', '--eval_batch=2', '--ceiling=false'),
+        prints=r'"xla": true'),
     'python bench.py --presets=cifar10,imagenet32': Plan(
-        replace=(('--presets=cifar10,imagenet32', '--presets=tiny'),), extra=('--steps=1', '--batch=2')),
+        replace=(('--presets=cifar10,imagenet32', '--presets=tiny'),),
+        extra=('--steps=1', '--batch=2', '--paths=train', '--ceiling=false')),
 }
 # The commands that make the run folders the others read.
 MAKERS = {'runs/demo': 'python train.py --hparams=demo',
