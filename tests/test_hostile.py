@@ -96,7 +96,7 @@ TRAIN = dict(FIELDS, hparams=not_in(hparams.PRESETS), logdir=st.sampled_from([''
              strategy=not_in(['auto', 'default', 'mirrored', 'tpu', 'multiworker']),
              data_dir=st.sampled_from(['', 'nowhere', 'junk.bin']),
              precision=not_in(['float32', 'mixed_bfloat16', 'mixed_float16']),
-             conv_precision=not_in(['highest', 'default']), jit_compile=NOT_BOOL, test_eval=NOT_BOOL,
+             conv_precision=not_in(['highest', 'default']), jit_compile=NOT_BOOL, remat=NOT_BOOL, test_eval=NOT_BOOL,
              log_every=below(1), steps_per_call=below(0), save_every=below(1), keep_checkpoints=below(1),
              eval_every=below(0), samples_every=below(0), max_skips_in_a_row=below(0))
 TRAIN_EVAL = dict(ckpt=MISSING, iw_samples=below(0), n_images=below(0))     # flags of --test_eval

@@ -30,7 +30,9 @@ def readme_commands():
     the commands quoted in its text, each once, in order."""
     text = open(README).read()
     commands = []
-    for block in re.findall(r'^```\n(.*?)^```', text, re.S | re.M):
+    for language, block in re.findall(r'^```(\w*)\n(.*?)^```', text, re.S | re.M):
+        if language:        # python, bibtex: not shell lines
+            continue
         for line in block.splitlines():
             line = re.sub(r'\s+#.*$', '', line).strip()
             commands += [part.strip() for part in line.split('&&') if part.strip()]
