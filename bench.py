@@ -1,12 +1,17 @@
-"""Speed of the model on this machine: variables, time to the first train step, steady step time.
+"""Speed and memory of the model on this machine, per preset: train.py's train step, its
+evaluation step and sample.py's sampler, against this machine's bare-convolution GFLOP/s.
 
     python bench.py --presets=cifar10,imagenet32 --batch=8 --steps=3
+    python bench.py --presets=cifar10 --precision=mixed_bfloat16
+    python bench.py --presets=imagenet64 --batch=4 --paths=train --remat   # memory for compute
     python bench.py --presets=cifar10 --layout=naive     # the baseline it is compared with
-    python bench.py --presets=cifar10 --jit_compile      # the step as one XLA program
+    python bench.py --presets=cifar10 --xla              # each path as one XLA program
 
 The train step is train.py's own (make_train_step: fwd, bwd, all-reduce, clip, skip, the
-official AdamW, EMA) on random data (the model's cost does not depend on the pixels). "first step" counts the trace, graph optimisation and the first run together: it is
-what a user waits for before training starts. Run nothing else while benchmarking.
+official AdamW, EMA), on random data (the model's cost does not depend on the pixels).
+"first s" counts the trace, graph optimisation and the first run together: what a user
+waits for before training starts. Peak memory is the process's high-water mark, so compare
+memory one preset per run. Run nothing else while benchmarking.
 
     python bench.py --data --presets=cifar10 --steps=1   # input pipeline vs the model
     python bench.py --data --presets=                    # input pipeline only
