@@ -192,6 +192,21 @@ def test_gelu_conv_is_conv_of_the_exact_erf_gelu_with_its_gradients():
         np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_bfloat16_gelu_kernels_give_the_exact_gelu_to_bfloat16_precision():
+    """In bfloat16 the GELU kernels compute in float32 and round their result (fastgraph: the
+    fast path on CPUs); forward and backward stay within bfloat16's precision of float32's."""
+    x = tf.cast(tf.constant(np.random.default_rng(0).normal(scale=3., size=(4096,)), tf.float32), tf.bfloat16)
+    dy = tf.cast(tf.linspace(-2., 2., 4096), tf.bfloat16)
+    exact = tf.cast(x, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(exact)
+        y = 0.5 * exact * (1. + tf.math.erf(exact / math.sqrt(2.)))
+    reference = [y, tf.cast(dy, tf.float32) * tape.gradient(y, exact)]
+    for ours, ref in zip((fastgraph._gelu_forward(x), fastgraph._gelu_backward(x, dy)), reference):
+        assert ours.dtype == tf.bfloat16
+        np.testing.assert_allclose(tf.cast(ours, tf.float32).numpy(), ref.numpy(), rtol=2. ** -8, atol=1e-5)
+
+
 @pytest.mark.smoke
 def test_official_checkpoint_reproduces_the_official_outputs(official_data):
     import convert
