@@ -148,9 +148,9 @@ def bench_train_step(hp, batch, steps, remat=False, jit_compile=False):
     step.get_concrete_function(x_in, target)
     trace = time.time() - t0
     first, steady = timed(lambda: float(step(x_in, target)['elbo']), steps)
-    return state, dict(variables=len(state.model.trainable_variables), params=vdvae.count_params(state.model),
-                       build=build, trace=trace, first=trace + first, step=steady, img_s=batch / steady,
-                       resident_gb=resident, peak_gb=peak_rss_gb())
+    return state.model, dict(variables=len(state.model.trainable_variables), build=build, trace=trace,
+                             first=trace + first, step=steady, img_s=batch / steady, resident_gb=resident,
+                             peak_gb=peak_rss_gb())
 
 
 def bench_eval(model, hp, batch, steps, jit_compile=False):
@@ -214,13 +214,18 @@ def conv_flops(model, batch, path):
     return total * (3 if path == 'train' else 1)
 
 
+def cpuinfo(key):
+    """The value of the first `key` line of /proc/cpuinfo ('' where there is none, or no Linux)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line.split(':', 1)[1].strip() for line in f if line.split(':')[0].strip() == key), '')
+    except OSError:
+        return ''
+
+
 def bf16_units():
     """The CPU's bfloat16 instruction sets named in /proc/cpuinfo (empty: none, or not Linux)."""
-    try:
-        flags_line = next(line for line in open('/proc/cpuinfo') if line.startswith('flags'))
-    except (OSError, StopIteration):
-        return []
-    return sorted({'avx512_bf16', 'amx_bf16'} & set(flags_line.split()))
+    return sorted({'avx512_bf16', 'amx_bf16'} & set(cpuinfo('flags').split()))
 
 
 def rss_gb():
@@ -375,6 +380,13 @@ def bench_compress(ckpt, n):
     print(json.dumps(dict(compress=rows)))
 
 
+def at_least(**lowest):
+    """One error line for the first flag below its lowest value."""
+    for name, low in lowest.items():
+        if FLAGS[name].value < low:
+            hparams.fail(f'--{name}={FLAGS[name].value} must be at least {low}')
+
+
 def main(_):
     if FLAGS.compress:
         if FLAGS.compress_images < 2:
@@ -382,17 +394,13 @@ def main(_):
         bench_compress(FLAGS.compress, FLAGS.compress_images)
         return
     if FLAGS.learn:
-        for name, lowest in (('learn_steps', 1), ('learn_every', 1), ('learn_images', 0)):
-            if FLAGS[name].value < lowest:
-                hparams.fail(f'--{name}={FLAGS[name].value} must be at least {lowest}')
+        at_least(learn_steps=1, learn_every=1, learn_images=0)
         learn(FLAGS.learn_steps, FLAGS.learn_every, FLAGS.learn_images)
         return
     paths = [p for p in FLAGS.paths if p]
     if set(paths) - {'train', 'eval', 'sample'} or not paths:
         hparams.fail(f'--paths={",".join(FLAGS.paths)}: choose from train, eval, sample')
-    for name in ('batch', 'eval_batch', 'steps'):
-        if FLAGS[name].value < 1:
-            hparams.fail(f'--{name}={FLAGS[name].value} must be at least 1')
+    at_least(batch=1, eval_batch=1, steps=1)
     presets = {name: hparams.exit_on_error(hparams.load, name) for name in FLAGS.presets}
     pipeline = bench_pipelines(FLAGS.batch, FLAGS.data_seconds) if FLAGS.data else None
     grappler = FLAGS.layout == 'naive' if FLAGS.grappler is None else FLAGS.grappler
@@ -404,7 +412,7 @@ def main(_):
         print('this CPU has no bfloat16 units (neither avx512_bf16 nor amx_bf16 in /proc/cpuinfo): '
               'measuring float32 only')
         precision = 'float32'
-    machine = dict(cpu=cpu_name(), cpus=os.cpu_count(), bf16_units=units, tensorflow=tf.__version__,
+    machine = dict(cpu=cpuinfo('model name') or 'unknown CPU', cpus=os.cpu_count(), bf16_units=units, tensorflow=tf.__version__,
                    keras=keras.__version__)
     if FLAGS.ceiling:
         machine['conv_gflops'] = {'float32': conv_ceiling(tf.float32)}
@@ -425,12 +433,11 @@ def main(_):
           f'{"GFLOP/s":>8} {"of conv":>7} {"model GB":>8} {"peak GB":>7}')
     rows = []
     for name, hp in presets.items():
-        state, model = None, None
+        model = None
         for path in paths:
             batch = FLAGS.batch if path == 'train' else FLAGS.eval_batch
             if path == 'train':
-                state, r = bench_train_step(hp, batch, FLAGS.steps, FLAGS.remat, FLAGS.jit_compile)
-                model = state.model
+                model, r = bench_train_step(hp, batch, FLAGS.steps, FLAGS.remat, FLAGS.jit_compile)
             else:
                 model = model or vdvae.VDVAE(hp)
                 r = (bench_eval(model, hp, batch, FLAGS.steps, FLAGS.jit_compile) if path == 'eval'
@@ -451,13 +458,6 @@ def main(_):
           'resident once the model and optimizer are built; peak GB: the process\'s peak so far (one preset per '
           'run to compare memory)')
     print(json.dumps(dict(machine=machine, settings=settings, rows=rows)))
-
-
-def cpu_name():
-    try:
-        return next(line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name'))
-    except (OSError, StopIteration):
-        return 'unknown CPU'
 
 
 if __name__ == '__main__':
