@@ -10,9 +10,10 @@ first step. Three things here change that:
 - bottleneck(): one traced function per block shape. The step's graph holds one call per
   block instead of its ~30 ops, so tracing and differentiating ~250 blocks costs ~20 small
   traces.
-- gelu_conv(): the exact (erf) GELU as one XLA-fused kernel each way, recomputed in the
-  backward pass instead of stored. Written as TF ops with autodiff, GELU was about half the
-  step time and 60% of the graph's nodes; recomputing it halves the activation memory.
+- the block's own gradient: the exact (erf) GELU is one XLA-fused kernel each way, recomputed
+  in the backward pass instead of stored. Written as TF ops with autodiff, GELU was about
+  half the step time and 60% of the graph's nodes; recomputing it halves the activation
+  memory.
 
 Together, against a direct port (`python bench.py --presets=cifar10 --layout=naive` swaps all
 three out), cifar10 at batch 8 on this project's 2-core CPU: trace 5.6 s instead of 51.7 s,
@@ -113,51 +114,78 @@ _BLOCK_FUNCTIONS = {}
 
 
 def _bottleneck(x, *weights, residual):
-    h = x
-    for kernel, bias in zip(weights[::2], weights[1::2]):
-        h = gelu_conv(h, kernel, bias)
-    return x + h if residual else h
+    @tf.custom_gradient
+    def block(x, *weights):
+        kernels, biases = weights[::2], weights[1::2]
+        h = [x]                         # each GELU's input: all that the backward pass keeps
+        for kernel, bias in zip(kernels, biases):
+            h.append(conv(_gelu_forward(h[-1]), kernel, bias))
+        out = _add(x, h[-1]) if residual else h[-1]
+
+        def grad(d_out):
+            d_h, d_weights = d_out, []
+            for i in reversed(range(len(kernels))):
+                with tf.control_dependencies([d_h]):      # else the executor recomputes every GELU early
+                    g = _gelu_forward(h[i])
+                d_kernel, d_g = _conv_gradients(g, kernels[i], d_h)
+                d_weights = [d_kernel, tf.reduce_sum(d_h, axis=[0, 1, 2])] + d_weights
+                d_h = _gelu_backward(h[i], d_g, d_out if i == 0 and residual else None)
+            return [d_h] + d_weights
+        return out, grad
+    return block(x, *weights)
 
 
 # ---------------------------------------------------------------------------------------
-# GELU fused into the conv's gradient.
+# The block's pieces. GELU is recomputed in the backward pass instead of stored, which halves
+# the activation memory (and the page faults of the first step).
 _SQRT_HALF, _INV_SQRT_2PI = math.sqrt(0.5), 1. / math.sqrt(2. * math.pi)
 
 
-# (XLA's erf is a short polynomial; erfc is 2.5x slower forward and 3.5x backward here.) Both
-# compute in float32 inside the kernel: XLA's bfloat16 arithmetic on this project's CPU took
-# 1.7x as long as converting to float32, computing and converting back (2.6 ms against 1.5
-# on 3M values); for float32 the casts are no-ops.
+# (XLA's erf is a short polynomial; erfc is 2.5x slower forward and 3.5x backward here.) The
+# element-wise kernels compute in float32 inside XLA: XLA's bfloat16 arithmetic on this
+# project's CPU took 1.7x as long as converting to float32, computing and converting back
+# (2.6 ms against 1.5 on 3M values); for float32 the casts are no-ops.
 @tf.function(jit_compile=True, autograph=False)
 def _gelu_forward(x):
     x32 = tf.cast(x, tf.float32)
     return tf.cast(0.5 * x32 * (1. + tf.math.erf(_SQRT_HALF * x32)), x.dtype)
 
 
+def _gelu_slope(x32):
+    return 0.5 + 0.5 * tf.math.erf(_SQRT_HALF * x32) + x32 * _INV_SQRT_2PI * tf.exp(-0.5 * x32 * x32)
+
+
 @tf.function(jit_compile=True, autograph=False)
-def _gelu_backward(x, dy):
-    x32 = tf.cast(x, tf.float32)
-    slope = 0.5 + 0.5 * tf.math.erf(_SQRT_HALF * x32) + x32 * _INV_SQRT_2PI * tf.exp(-0.5 * x32 * x32)
-    return tf.cast(tf.cast(dy, tf.float32) * slope, dy.dtype)
+def _gelu_backward(x, dy, skip=None):
+    """dy * gelu'(x), plus the skip connection's gradient in the same pass."""
+    dx = tf.cast(dy, tf.float32) * _gelu_slope(tf.cast(x, tf.float32))
+    return tf.cast(dx if skip is None else dx + tf.cast(skip, tf.float32), dy.dtype)
+
+
+@tf.function(jit_compile=True, autograph=False)
+def _add(x, y):
+    # TensorFlow's own bfloat16 add is slower than its float32 add on this CPU (1.21 ms
+    # against 0.96 on 3M values); rounding once from float32 inside XLA is not.
+    return tf.cast(tf.cast(x, tf.float32) + tf.cast(y, tf.float32), x.dtype)
 
 
 def conv(x, kernel, bias):
     return tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, 'SAME'), bias)
 
 
-@tf.custom_gradient
-def gelu_conv(x, kernel, bias):
-    """conv(gelu(x)) keeping only x for the backward pass: gelu(x) is recomputed there,
-    which halves the activation memory (and the page faults of the first step)."""
-    def grad(dy):
-        with tf.control_dependencies([dy]):  # else the executor recomputes all of them early
-            g = _gelu_forward(x)
+def _conv_gradients(x, kernel, dy):
+    """(d kernel, d x) of conv(x, kernel) given dy. A 1x1 conv's kernel gradient is one matrix
+    product: in bfloat16 oneDNN's Conv2DBackpropFilter took 2.4x as long (3.6 ms against 1.5
+    at 8x32x32x384 -> 96)."""
+    if kernel.shape[:2] == (1, 1):
+        d_kernel = tf.matmul(tf.reshape(x, (-1, x.shape[-1])), tf.reshape(dy, (-1, dy.shape[-1])), transpose_a=True)
+        d_kernel = tf.reshape(d_kernel, kernel.shape)
+    else:
         d_kernel = tf.raw_ops.Conv2DBackpropFilter(
-            input=g, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=[1, 1, 1, 1], padding='SAME')
-        d_g = tf.raw_ops.Conv2DBackpropInput(
-            input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=[1, 1, 1, 1], padding='SAME')
-        return _gelu_backward(x, d_g), d_kernel, tf.reduce_sum(dy, axis=[0, 1, 2])
-    return conv(_gelu_forward(x), kernel, bias), grad
+            input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=[1, 1, 1, 1], padding='SAME')
+    d_x = tf.raw_ops.Conv2DBackpropInput(
+        input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=[1, 1, 1, 1], padding='SAME')
+    return d_kernel, d_x
 
 
 # ---------------------------------------------------------------------------------------
