@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fastgraph import ParamStack, StackRow, bottleneck, conv, rematerialised
+from fastgraph import ParamStack, StackRow, add, bottleneck, conv, rematerialised
 from hparams import parse_blocks, widths
 
 
@@ -116,7 +116,7 @@ class DecBlock(keras.layers.Layer):
         if self.mixin is not None:
             above = state[self.mixin]
             factor = self.res // self.mixin
-            x = x + (self.unpool(above) if self.unpool else _nearest_unpool(above[..., :self.width], factor))
+            x = add(x, self.unpool(above) if self.unpool else _nearest_unpool(above[..., :self.width], factor))
         prior = bottleneck(x, _convs(params, 'prior/'), residual=False)
         # tf.split, not slicing: a slice's gradient is a full-size zero tensor per slice.
         p_mean, p_logsigma, x_res = tf.split(prior, [self.zdim, self.zdim, self.width], axis=-1)
@@ -126,7 +126,6 @@ class DecBlock(keras.layers.Layer):
             layer['q'] = q_mean, q_logsigma = tf.split(q, 2, axis=-1)
             kl = gaussian_kl(*[tf.cast(t, tf.float32) for t in (q_mean, q_logsigma, p_mean, p_logsigma)])
             layer['kl'] = tf.reduce_sum(kl, axis=[1, 2, 3])
-        x = x + x_res
         if callable(latent):        # z chosen from this layer's distributions (compress.py's coder)
             z = tf.cast(latent(layer), dtype)
         elif latent is not None:
@@ -140,7 +139,7 @@ class DecBlock(keras.layers.Layer):
                 z = p_mean + tf.exp(p_logsigma) * tf.cast(temperature, dtype) * eps
         layer['z'] = z
         z_proj = conv(z, params['z_proj/kernel'], params['z_proj/bias'])
-        return bottleneck(x + z_proj, _convs(params, 'resnet/'), residual=self.residual), layer
+        return bottleneck(add(x, x_res, z_proj), _convs(params, 'resnet/'), residual=self.residual), layer
 
     def pieces(self):
         """{piece name: numpy array} of this block's weights (a row of its stage's stack)."""

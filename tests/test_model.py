@@ -204,6 +204,22 @@ def test_bottleneck_and_its_gradients_are_those_of_the_block_written_with_autodi
         np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-4, atol=1e-5 * np.abs(ref.numpy()).max())
 
 
+@pytest.mark.parametrize('dtype', [tf.float32, tf.bfloat16])
+def test_add_sums_in_one_rounding_and_passes_the_gradient_to_each_term(dtype):
+    rng = np.random.default_rng(0)
+    terms = [tf.cast(tf.constant(rng.normal(size=(2, 3, 3, 4)), tf.float32), dtype) for _ in range(3)]
+    w = tf.constant(rng.normal(size=(2, 3, 3, 4)), tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(terms)
+        y = fastgraph.add(*terms)
+        loss = tf.reduce_sum(w * tf.cast(y, tf.float32))
+    exact = tf.add_n([tf.cast(t, tf.float32) for t in terms])
+    assert y.dtype == dtype
+    np.testing.assert_allclose(tf.cast(y, tf.float32).numpy(), tf.cast(tf.cast(exact, dtype), tf.float32).numpy(), rtol=1e-6)
+    for grad in tape.gradient(loss, terms):
+        np.testing.assert_array_equal(tf.cast(grad, tf.float32).numpy(), tf.cast(tf.cast(w, dtype), tf.float32).numpy())
+
+
 def test_bfloat16_gelu_kernels_give_the_exact_gelu_to_bfloat16_precision():
     """In bfloat16 the GELU kernels compute in float32 and round their result (fastgraph: the
     fast path on CPUs); forward and backward stay within bfloat16's precision of float32's."""
