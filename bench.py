@@ -374,31 +374,22 @@ def bench_compress(ckpt, n):
     print(json.dumps(dict(compress=rows)))
 
 
-def at_least(**lowest):
-    """One error line for the first flag below its lowest value."""
-    for name, low in lowest.items():
-        if FLAGS[name].value < low:
-            hparams.fail(f'--{name}={FLAGS[name].value} must be at least {low}')
-
-
 def main(_):
     if FLAGS.compress:
-        if FLAGS.compress_images < 2:
-            hparams.fail(f'--compress_images={FLAGS.compress_images} must be at least 2')
+        hparams.at_least(compress_images=2)
         bench_compress(FLAGS.compress, FLAGS.compress_images)
         return
     if FLAGS.learn:
-        at_least(learn_steps=1, learn_every=1, learn_images=0)
+        hparams.at_least(learn_steps=1, learn_every=1, learn_images=0)
         learn(FLAGS.learn_steps, FLAGS.learn_every, FLAGS.learn_images)
         return
     paths = [p for p in FLAGS.paths if p]
     if set(paths) - {'train', 'eval', 'sample'} or not paths:
         hparams.fail(f'--paths={",".join(FLAGS.paths)}: choose from train, eval, sample')
-    at_least(batch=1, eval_batch=1, steps=1)
+    hparams.at_least(batch=1, eval_batch=1, steps=1)
     presets = {name: hparams.exit_on_error(hparams.load, name) for name in FLAGS.presets}
     pipeline = bench_pipelines(FLAGS.batch, FLAGS.data_seconds) if FLAGS.data else None
-    grappler = FLAGS.grappler
-    if not grappler:
+    if not FLAGS.grappler:
         tf.config.optimizer.set_experimental_options({'disable_meta_optimizer': True})
     if FLAGS.layout == 'naive':
         use_naive_layout()
@@ -413,7 +404,7 @@ def main(_):
         machine['conv_gflops'] = {'float32': conv_ceiling(tf.float32)}
         if units:
             machine['conv_gflops']['bfloat16'] = conv_ceiling(tf.bfloat16)
-    settings = dict(layout=FLAGS.layout, grappler=grappler, xla=FLAGS.jit_compile, precision=precision,
+    settings = dict(layout=FLAGS.layout, grappler=FLAGS.grappler, xla=FLAGS.jit_compile, precision=precision,
                     remat=FLAGS.remat)
     print(f'{machine["cpu"]}, {machine["cpus"]} cpus, bfloat16 units: {", ".join(units) or "none"}; '
           f'tensorflow {tf.__version__}, keras {keras.__version__}')

@@ -396,8 +396,7 @@ def main(_):
     for name in ('ckpt', 'out'):
         if not FLAGS[name].value:
             hparams.fail(f'--{name} is required')
-    if FLAGS.batch < 1:
-        hparams.fail(f'--batch={FLAGS.batch} must be at least 1')
+    hparams.at_least(batch=1)
     model, hp, _, path, step = sample.load(FLAGS.ckpt)
     if hp.low_bit:
         hparams.fail(f'{path}: a 5-bit (low_bit) model; compress.py codes 8-bit images only')

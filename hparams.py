@@ -372,3 +372,10 @@ def fail(message):
     """The one-line error our scripts end with: no traceback, exit status 2."""
     print(f'{fresh_line()}error: {message}', file=sys.stderr)
     sys.exit(2)
+
+
+def at_least(**lowest):
+    """A script's counting flags: one error line for the first below its lowest value."""
+    for name, low in lowest.items():
+        if flags.FLAGS[name].value < low:
+            fail(f'--{name}={flags.FLAGS[name].value} must be at least {low}')

@@ -410,9 +410,7 @@ def main(_):
     tf.get_logger().setLevel('ERROR')
     if not FLAGS.ckpt:
         hparams.fail('--ckpt is required: a run folder or a ckpt-N prefix')
-    for name in ('n', 'nrow', 'batch'):
-        if FLAGS[name].value < 1:
-            hparams.fail(f'--{name}={FLAGS[name].value} must be at least 1')
+    hparams.at_least(n=1, nrow=1, batch=1)
     unused = [name for name, modes in [('keep', ['reconstruct']), ('images', ['reconstruct', 'stats']),
                                        ('temp', ['sample', 'reconstruct']),
                                        ('data_dir', ['reconstruct', 'stats'])]

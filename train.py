@@ -590,10 +590,8 @@ def main(argv):
 
 def check_flags():
     """The flags of this script that hparams does not check: each bad value is one line."""
-    for name, lowest in (('log_every', 1), ('save_every', 1), ('keep_checkpoints', 1), ('eval_every', 0),
-                         ('samples_every', 0), ('max_skips_in_a_row', 0)):
-        if FLAGS[name].value < lowest:
-            hparams.fail(f'--{name}={FLAGS[name].value} must be at least {lowest}')
+    hparams.at_least(log_every=1, save_every=1, keep_checkpoints=1, eval_every=0, samples_every=0,
+                     max_skips_in_a_row=0)
     if FLAGS.ckpt and not FLAGS.test_eval:
         hparams.fail('--ckpt names the checkpoint for --test_eval; training resumes from --logdir')
     if FLAGS.iw_samples < 0 or (FLAGS.iw_samples and not FLAGS.test_eval):
