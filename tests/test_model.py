@@ -1,5 +1,4 @@
 """The architecture: exact parameter counts, the public API, and a trainable graph."""
-import functools
 import json
 import math
 import os
@@ -10,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import fit
+import bench
 import fastgraph
 import hparams
 import model
@@ -179,7 +179,8 @@ def test_custom_widths_pad_channels_and_build():
 @pytest.mark.parametrize('residual', [True, False])
 def test_bottleneck_and_its_gradients_are_those_of_the_block_written_with_autodiff(residual):
     """fastgraph's block (GELU recomputed in its backward pass, 1x1 kernel gradients as matrix
-    products, the skip's gradient added inside GELU's) against the block in plain TF ops."""
+    products, the skip's gradient added inside GELU's) against the block in plain TF ops with
+    autodiff (bench.py's naive baseline)."""
     rng = np.random.default_rng(0)
     width, mid = 6, 4
     x = tf.constant(rng.normal(scale=3., size=(2, 5, 5, width)), tf.float32)
@@ -187,17 +188,11 @@ def test_bottleneck_and_its_gradients_are_those_of_the_block_written_with_autodi
     weights = [(tf.constant(rng.normal(scale=.5, size=s), tf.float32), tf.constant(rng.normal(size=s[-1:]), tf.float32))
                for s in shapes]
     w = tf.constant(rng.normal(size=(2, 5, 5, width)), tf.float32)     # a loss that weighs outputs
-
-    def plain(x, weights):
-        h = x
-        for kernel, bias in weights:
-            h = tf.nn.conv2d(tf.nn.gelu(h, approximate=False), kernel, 1, 'SAME') + bias
-        return x + h if residual else h
     results = []
-    for f in (functools.partial(fastgraph.bottleneck, residual=residual), plain):
+    for f in (fastgraph.bottleneck, bench.naive_bottleneck):
         with tf.GradientTape() as tape:
             tape.watch([x, weights])
-            y = f(x, weights)
+            y = f(x, weights, residual)
             loss = tf.reduce_sum(w * y)
         results.append([y] + tape.gradient(loss, [x] + [t for pair in weights for t in pair]))
     for ours, ref in zip(*results):     # float32 round-off, on the scale of each tensor
