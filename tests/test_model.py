@@ -215,15 +215,9 @@ def test_add_sums_in_one_rounding_and_passes_the_gradient_to_each_term(dtype):
         np.testing.assert_array_equal(tf.cast(grad, tf.float32).numpy(), tf.cast(tf.cast(w, dtype), tf.float32).numpy())
 
 
-def _exact_gelu_slope(x):
-    x = np.asarray(x, np.float64)
-    return 0.5 + 0.5 * np.vectorize(math.erf)(x / math.sqrt(2.)) + x * np.exp(-0.5 * x * x) / math.sqrt(2. * math.pi)
-
-
 def test_bfloat16_gelu_kernels_give_the_exact_gelu_to_bfloat16_precision():
     """In bfloat16 the GELU kernels compute in float32 and round their result (fastgraph: the
-    fast path on CPUs); the forward stays within bfloat16's precision of float32's, the
-    backward within that plus its slope polynomial's error (2^-13 of dy)."""
+    fast path on CPUs); forward and backward stay within bfloat16's precision of float32's."""
     x = tf.cast(tf.constant(np.random.default_rng(0).normal(scale=3., size=(4096,)), tf.float32), tf.bfloat16)
     dy = tf.cast(tf.linspace(-2., 2., 4096), tf.bfloat16)
     exact = tf.cast(x, tf.float32)
@@ -231,22 +225,9 @@ def test_bfloat16_gelu_kernels_give_the_exact_gelu_to_bfloat16_precision():
         tape.watch(exact)
         y = 0.5 * exact * (1. + tf.math.erf(exact / math.sqrt(2.)))
     reference = [y, tf.cast(dy, tf.float32) * tape.gradient(y, exact)]
-    slack = [1e-5, 2. ** -13 * np.abs(tf.cast(dy, tf.float32).numpy())]
-    for ours, ref, atol in zip((fastgraph._gelu_forward(x), fastgraph._gelu_backward(x, dy)), reference, slack):
+    for ours, ref in zip((fastgraph._gelu_forward(x), fastgraph._gelu_backward(x, dy)), reference):
         assert ours.dtype == tf.bfloat16
-        ours, ref = tf.cast(ours, tf.float32).numpy(), ref.numpy()
-        assert np.all(np.abs(ours - ref) <= 2. ** -8 * np.abs(ref) + atol + 1e-30)
-
-
-def test_bfloat16_gelu_slope_polynomial_is_within_2_to_the_minus_13_for_every_bfloat16_input():
-    every = (np.arange(2 ** 16, dtype=np.uint32) << 16).view(np.float32)     # all bfloat16 bit patterns
-    every = every[np.isfinite(every)]
-    with np.errstate(over='ignore'):
-        exact = _exact_gelu_slope(every)
-    ours = fastgraph._gelu_slope_bfloat16(tf.constant(every)).numpy()
-    assert np.abs(ours - exact).max() < 2. ** -13
-    # float32 keeps the exact slope: erf and exp, not the polynomial
-    np.testing.assert_allclose(fastgraph._gelu_slope(tf.constant(every)).numpy(), exact, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(tf.cast(ours, tf.float32).numpy(), ref.numpy(), rtol=2. ** -8, atol=1e-5)
 
 
 @pytest.mark.smoke
