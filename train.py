@@ -137,19 +137,29 @@ class AdamW(keras.optimizers.AdamW):
     sqrt(v), an epsilon 1/sqrt(1 - beta2^t) times larger (3.2x at the first step with the
     paper's beta2 = 0.9), which moved weights with tiny gradients 0.58 of a step away from the
     official ones within 20 steps (tests/test_update.py). Weight decay is Keras' own,
-    decoupled, as the official code's."""
+    decoupled, as the official code's.
+
+    The update is TensorFlow's fused Adam kernel: one pass over the weights, gradient and both
+    moments where Keras' ops made ~10 (the update took ~7% of a train step's CPU time). It adds
+    epsilon to the uncorrected sqrt(v) as Keras does; scaled by sqrt(1 - beta2^t), epsilon lands
+    where the official code has it."""
 
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype
-        lr, gradient = tf.cast(learning_rate, dtype), tf.cast(gradient, dtype)
         t = tf.cast(self.iterations + 1, dtype)
+        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        beta_2_power = tf.pow(beta_2, t)
         m = self._momentums[self._get_variable_index(variable)]
         v = self._velocities[self._get_variable_index(variable)]
-        self.assign_add(m, (gradient - m) * (1. - self.beta_1))
-        self.assign_add(v, (tf.square(gradient) - v) * (1. - self.beta_2))
-        m_hat = m / (1. - tf.pow(tf.cast(self.beta_1, dtype), t))
-        v_hat = v / (1. - tf.pow(tf.cast(self.beta_2, dtype), t))
-        self.assign_sub(variable, lr * m_hat / (tf.sqrt(v_hat) + self.epsilon))
+        tf.raw_ops.ResourceApplyAdam(
+            var=_handle(variable), m=_handle(m), v=_handle(v), beta1_power=tf.pow(beta_1, t),
+            beta2_power=beta_2_power, lr=tf.cast(learning_rate, dtype), beta1=beta_1, beta2=beta_2,
+            epsilon=self.epsilon * tf.sqrt(1. - beta_2_power), grad=tf.cast(gradient, dtype))
+
+
+def _handle(variable):
+    """The resource handle of a Keras or TF variable (under a strategy: this device's copy)."""
+    return (variable.value if isinstance(variable, keras.Variable) else variable).handle
 
 
 class WarmUp(keras.optimizers.schedules.LearningRateSchedule):
