@@ -95,7 +95,7 @@ class PerBlockParams(vdvae.ParamStack):
 
 
 def naive_bottleneck(x, weights, residual):
-    h = x
+    h = x = tf.concat(x, -1) if isinstance(x, (tuple, list)) else x
     for kernel, bias in weights:
         h = vdvae.conv(tf.nn.gelu(h, approximate=False), kernel, bias)
     return x + h if residual else h

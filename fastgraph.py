@@ -94,17 +94,23 @@ class StackRow:
 # ---------------------------------------------------------------------------------------
 # One traced function per block shape.
 def bottleneck(x, weights, residual):
-    """GELU before each conv of `weights` [(kernel, bias), ...]; `residual` adds x."""
+    """GELU before each conv of `weights` [(kernel, bias), ...]; `residual` adds x. x may be a
+    tuple of tensors, read as one concatenated along channels without copying them into one:
+    the first conv's kernel is split along its input channels instead (the posterior's input)."""
+    parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    if residual and len(parts) > 1:
+        raise ValueError('a residual block takes one input tensor')
     flat = [t for pair in weights for t in pair]
-    key = (residual, x.dtype, tuple(x.shape[1:]), tuple(tuple(t.shape) for t in flat))
+    key = (residual, parts[0].dtype, tuple(tuple(p.shape[1:]) for p in parts), tuple(tuple(t.shape) for t in flat))
     if key not in _BLOCK_FUNCTIONS:
-        signature = [tf.TensorSpec([None, *x.shape[1:]], x.dtype)] + [tf.TensorSpec(t.shape, t.dtype) for t in flat]
+        signature = ([tf.TensorSpec([None, *p.shape[1:]], p.dtype) for p in parts]
+                     + [tf.TensorSpec(t.shape, t.dtype) for t in flat])
         # A partial, not a lambda: TF counts traces per code object and would call the first
         # trace of each of these functions a retrace of one function, and warn.
-        _BLOCK_FUNCTIONS[key] = tf.function(functools.partial(_bottleneck, residual=residual),
+        _BLOCK_FUNCTIONS[key] = tf.function(functools.partial(_bottleneck, parts=len(parts), residual=residual),
                                             input_signature=signature, autograph=False)
-    out = _BLOCK_FUNCTIONS[key](x, *flat)
-    out.set_shape(x.shape[:1].concatenate(out.shape[1:]))       # the batch size, known outside
+    out = _BLOCK_FUNCTIONS[key](*parts, *flat)
+    out.set_shape(parts[0].shape[:1].concatenate(out.shape[1:]))       # the batch size, known outside
     return out
 
 
@@ -113,26 +119,46 @@ def bottleneck(x, weights, residual):
 _BLOCK_FUNCTIONS = {}
 
 
-def _bottleneck(x, *weights, residual):
+def _bottleneck(*inputs, parts, residual):
     @tf.custom_gradient
-    def block(x, *weights):
+    def block(*inputs):
+        xs, weights = inputs[:parts], inputs[parts:]
         kernels, biases = weights[::2], weights[1::2]
-        h = [x]                         # each GELU's input: all that the backward pass keeps
-        for kernel, bias in zip(kernels, biases):
+        first = tf.split(kernels[0], [x.shape[-1] for x in xs], axis=2) if parts > 1 else kernels[:1]
+        # h: each conv's input before its GELU, all that the backward pass keeps
+        h = [xs, _conv_of_parts([_gelu_forward(x) for x in xs], first, biases[0])]
+        for kernel, bias in zip(kernels[1:], biases[1:]):
             h.append(conv(_gelu_forward(h[-1]), kernel, bias))
-        out = _sum(x, h[-1]) if residual else h[-1]
+        out = _sum(xs[0], h[-1]) if residual else h[-1]
 
         def grad(d_out):
             d_h, d_weights = d_out, []
-            for i in reversed(range(len(kernels))):
+            for i in reversed(range(1, len(kernels))):
                 with tf.control_dependencies([d_h]):      # else the executor recomputes every GELU early
                     g = _gelu_forward(h[i])
                 d_kernel, d_g = _conv_gradients(g, kernels[i], d_h)
                 d_weights = [d_kernel, tf.reduce_sum(d_h, axis=[0, 1, 2])] + d_weights
-                d_h = _gelu_backward(h[i], d_g, d_out if i == 0 and residual else None)
-            return [d_h] + d_weights
+                d_h = _gelu_backward(h[i], d_g)
+            d_xs, d_first = [], []
+            for x, kernel in zip(xs, first):
+                with tf.control_dependencies([d_h]):
+                    g = _gelu_forward(x)
+                d_kernel, d_g = _conv_gradients(g, kernel, d_h)
+                d_first.append(d_kernel)
+                d_xs.append(_gelu_backward(x, d_g, d_out if residual else None))
+            d_kernel = tf.concat(d_first, axis=2) if parts > 1 else d_first[0]
+            return d_xs + [d_kernel, tf.reduce_sum(d_h, axis=[0, 1, 2])] + d_weights
         return out, grad
-    return block(x, *weights)
+    return block(*inputs)
+
+
+def _conv_of_parts(xs, kernels, bias):
+    """conv(concat(xs), concat(kernels)) + bias, without the concatenation: the posterior's
+    input copied into one tensor, and its gradient sliced out again, cost a bfloat16 train step
+    more than the one more pass that sums the parts."""
+    if len(xs) == 1:
+        return conv(xs[0], kernels[0], bias)
+    return _sum(conv(xs[0], kernels[0], bias), *[tf.nn.conv2d(x, k, 1, 'SAME') for x, k in zip(xs[1:], kernels[1:])])
 
 
 # ---------------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ class DecBlock(keras.layers.Layer):
         p_mean, p_logsigma, x_res = tf.split(prior, [self.zdim, self.zdim, self.width], axis=-1)
         layer = {'p': (p_mean, p_logsigma)}
         if acts is not None:
-            q = bottleneck(tf.concat([x, acts], -1), _convs(params, 'posterior/'), residual=False)
+            q = bottleneck((x, acts), _convs(params, 'posterior/'), residual=False)
             layer['q'] = q_mean, q_logsigma = tf.split(q, 2, axis=-1)
             kl = gaussian_kl(*[tf.cast(t, tf.float32) for t in (q_mean, q_logsigma, p_mean, p_logsigma)])
             layer['kl'] = tf.reduce_sum(kl, axis=[1, 2, 3])

@@ -176,25 +176,29 @@ def test_custom_widths_pad_channels_and_build():
 
 
 @pytest.mark.smoke
-@pytest.mark.parametrize('residual', [True, False])
-def test_bottleneck_and_its_gradients_are_those_of_the_block_written_with_autodiff(residual):
+@pytest.mark.parametrize('residual, split', [(True, None), (False, None), (False, 4)])
+def test_bottleneck_and_its_gradients_are_those_of_the_block_written_with_autodiff(residual, split):
     """fastgraph's block (GELU recomputed in its backward pass, 1x1 kernel gradients as matrix
-    products, the skip's gradient added inside GELU's) against the block in plain TF ops with
-    autodiff (bench.py's naive baseline)."""
+    products, the skip's gradient added inside GELU's; split: its input given as two tensors,
+    as the posterior's is, read without concatenating them) against the block in plain TF ops
+    with autodiff on the concatenated input (bench.py's naive baseline)."""
     rng = np.random.default_rng(0)
     width, mid = 6, 4
     x = tf.constant(rng.normal(scale=3., size=(2, 5, 5, width)), tf.float32)
+    if split:
+        x = (x[..., :split], x[..., split:])
     shapes = [(1, 1, width, mid), (3, 3, mid, mid), (3, 3, mid, mid), (1, 1, mid, width)]
     weights = [(tf.constant(rng.normal(scale=.5, size=s), tf.float32), tf.constant(rng.normal(size=s[-1:]), tf.float32))
                for s in shapes]
     w = tf.constant(rng.normal(size=(2, 5, 5, width)), tf.float32)     # a loss that weighs outputs
     results = []
+    inputs = list(x) if split else [x]
     for f in (fastgraph.bottleneck, bench.naive_bottleneck):
         with tf.GradientTape() as tape:
-            tape.watch([x, weights])
+            tape.watch([inputs, weights])
             y = f(x, weights, residual)
             loss = tf.reduce_sum(w * y)
-        results.append([y] + tape.gradient(loss, [x] + [t for pair in weights for t in pair]))
+        results.append([y] + tape.gradient(loss, inputs + [t for pair in weights for t in pair]))
     for ours, ref in zip(*results):     # float32 round-off, on the scale of each tensor
         np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-4, atol=1e-5 * np.abs(ref.numpy()).max())
 
