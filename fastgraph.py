@@ -158,7 +158,7 @@ def _conv_of_parts(xs, kernels, bias):
     more than the one more pass that sums the parts."""
     if len(xs) == 1:
         return conv(xs[0], kernels[0], bias)
-    return _sum(conv(xs[0], kernels[0], bias), *[tf.nn.conv2d(x, k, 1, 'SAME') for x, k in zip(xs[1:], kernels[1:])])
+    return _sum(conv(xs[0], kernels[0], bias), *[conv(x, k) for x, k in zip(xs[1:], kernels[1:])])
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,8 +201,9 @@ def add(*terms):
     return _sum(*terms), lambda dy: [dy] * len(terms)
 
 
-def conv(x, kernel, bias):
-    return tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, 'SAME'), bias)
+def conv(x, kernel, bias=None):
+    y = tf.nn.conv2d(x, kernel, 1, 'SAME')
+    return y if bias is None else tf.nn.bias_add(y, bias)
 
 
 def _conv_gradients(x, kernel, dy):

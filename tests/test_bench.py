@@ -21,7 +21,7 @@ def test_conv_flops_count_every_convolution_the_model_runs(unpool, monkeypatch):
     m = model.VDVAE(hp)
     counted = [0]
 
-    def counting_conv(x, kernel, bias, _conv=fastgraph.conv):
+    def counting_conv(x, kernel, bias=None, _conv=fastgraph.conv):
         out = _conv(x, kernel, bias)
         counted[0] += 2 * int(np.prod(out.shape[:-1])) * int(np.prod(kernel.shape))
         return out
