@@ -13,7 +13,8 @@ first step. Three things here change that:
 - the block's own gradient: the exact (erf) GELU is one XLA-fused kernel each way, recomputed
   in the backward pass instead of stored. Written as TF ops with autodiff, GELU was about
   half the step time and 60% of the graph's nodes; recomputing it halves the activation
-  memory.
+  memory. The bfloat16 train step keeps GELU's output and slope instead (keeping_slopes()):
+  there the recomputation cost more time than the memory was worth.
 
 Together, against a direct port (`python bench.py --presets=cifar10 --layout=naive` swaps all
 three out), cifar10 at batch 8 on this project's 2-core CPU: trace 5.6 s instead of 51.7 s,
@@ -25,6 +26,7 @@ The layers of model.py hold references into these stacks; they own no variables 
 rematerialised() trades compute for memory (train.py --remat): a block keeps only its inputs
 for the backward pass and computes everything else again there.
 """
+import contextlib
 import functools
 import math
 import random
@@ -101,13 +103,16 @@ def bottleneck(x, weights, residual):
     if residual and len(parts) > 1:
         raise ValueError('a residual block takes one input tensor')
     flat = [t for pair in weights for t in pair]
-    key = (residual, parts[0].dtype, tuple(tuple(p.shape[1:]) for p in parts), tuple(tuple(t.shape) for t in flat))
+    keep = _KEEP_SLOPES[-1] and parts[0].dtype != tf.float32
+    key = (residual, keep, parts[0].dtype, tuple(tuple(p.shape[1:]) for p in parts),
+           tuple(tuple(t.shape) for t in flat))
     if key not in _BLOCK_FUNCTIONS:
         signature = ([tf.TensorSpec([None, *p.shape[1:]], p.dtype) for p in parts]
                      + [tf.TensorSpec(t.shape, t.dtype) for t in flat])
         # A partial, not a lambda: TF counts traces per code object and would call the first
         # trace of each of these functions a retrace of one function, and warn.
-        _BLOCK_FUNCTIONS[key] = tf.function(functools.partial(_bottleneck, parts=len(parts), residual=residual),
+        _BLOCK_FUNCTIONS[key] = tf.function(functools.partial(_bottleneck, parts=len(parts), residual=residual,
+                                                              keep=keep),
                                             input_signature=signature, autograph=False)
     out = _BLOCK_FUNCTIONS[key](*parts, *flat)
     out.set_shape(parts[0].shape[:1].concatenate(out.shape[1:]))       # the batch size, known outside
@@ -117,35 +122,66 @@ def bottleneck(x, weights, residual):
 # Any batch size: eager calls with new batch sizes neither retrace nor warn. (One tf.function
 # per shape, not one retracing function: that one would warn on every model.)
 _BLOCK_FUNCTIONS = {}
+_KEEP_SLOPES = [False]
 
 
-def _bottleneck(*inputs, parts, residual):
+@contextlib.contextmanager
+def keeping_slopes(keep=True):
+    """Blocks built within, in bfloat16 (any 16-bit dtype), keep each GELU's output and its
+    float32 slope for the backward pass instead of recomputing both there from GELU's input:
+    the same numbers, bit for bit, at three times the bytes per kept activation (2 + 4 instead
+    of 2). The bfloat16 train step (cifar10, batch 8) ran 15-20% faster and peaked 1.7 GB
+    higher; in float32 it gained nothing (README, "Performance"). train.py's step computes its
+    loss within; evaluation and sampling take no gradient and keep nothing."""
+    _KEEP_SLOPES.append(keep)
+    try:
+        yield
+    finally:
+        _KEEP_SLOPES.pop()
+
+
+def _bottleneck(*inputs, parts, residual, keep):
     @tf.custom_gradient
     def block(*inputs):
         xs, weights = inputs[:parts], inputs[parts:]
         kernels, biases = weights[::2], weights[1::2]
         first = tf.split(kernels[0], [x.shape[-1] for x in xs], axis=2) if parts > 1 else kernels[:1]
-        # h: each conv's input before its GELU, all that the backward pass keeps
-        h = [xs, _conv_of_parts([_gelu_forward(x) for x in xs], first, biases[0])]
+        saved = []         # per conv input, all that the backward pass keeps of its GELU
+
+        def gelu(x):
+            if keep:
+                g, slope = _gelu_and_slope(x)
+                saved.append((g, slope))
+                return g
+            saved.append(x)
+            return _gelu_forward(x)
+        h = _conv_of_parts([gelu(x) for x in xs], first, biases[0])
         for kernel, bias in zip(kernels[1:], biases[1:]):
-            h.append(conv(_gelu_forward(h[-1]), kernel, bias))
-        out = _sum(xs[0], h[-1]) if residual else h[-1]
+            h = conv(gelu(h), kernel, bias)
+        out = _sum(xs[0], h) if residual else h
+
+        def recalled(i, d_h):
+            """The GELU output at conv input i, and d_g -> its gradient through GELU (plus a skip)."""
+            if keep:
+                g, slope = saved[i]
+                return g, lambda d_g, skip=None: _times_slope(d_g, slope, skip)
+            with tf.control_dependencies([d_h]):      # else the executor recomputes every GELU early
+                g = _gelu_forward(saved[i])
+            return g, lambda d_g, skip=None: _gelu_backward(saved[i], d_g, skip)
 
         def grad(d_out):
             d_h, d_weights = d_out, []
             for i in reversed(range(1, len(kernels))):
-                with tf.control_dependencies([d_h]):      # else the executor recomputes every GELU early
-                    g = _gelu_forward(h[i])
+                g, through_gelu = recalled(parts + i - 1, d_h)
                 d_kernel, d_g = _conv_gradients(g, kernels[i], d_h)
                 d_weights = [d_kernel, tf.reduce_sum(d_h, axis=[0, 1, 2])] + d_weights
-                d_h = _gelu_backward(h[i], d_g)
+                d_h = through_gelu(d_g)
             d_xs, d_first = [], []
-            for x, kernel in zip(xs, first):
-                with tf.control_dependencies([d_h]):
-                    g = _gelu_forward(x)
+            for i, kernel in enumerate(first):
+                g, through_gelu = recalled(i, d_h)
                 d_kernel, d_g = _conv_gradients(g, kernel, d_h)
                 d_first.append(d_kernel)
-                d_xs.append(_gelu_backward(x, d_g, d_out if residual else None))
+                d_xs.append(through_gelu(d_g, d_out if residual else None))
             d_kernel = tf.concat(d_first, axis=2) if parts > 1 else d_first[0]
             return d_xs + [d_kernel, tf.reduce_sum(d_h, axis=[0, 1, 2])] + d_weights
         return out, grad
@@ -163,7 +199,7 @@ def _conv_of_parts(xs, kernels, bias):
 
 # ---------------------------------------------------------------------------------------
 # The block's pieces. GELU is recomputed in the backward pass instead of stored, which halves
-# the activation memory (and the page faults of the first step).
+# the activation memory (and the page faults of the first step); keeping_slopes() stores it.
 _SQRT_HALF, _INV_SQRT_2PI = math.sqrt(0.5), 1. / math.sqrt(2. * math.pi)
 
 
@@ -185,6 +221,21 @@ def _gelu_slope(x32):
 def _gelu_backward(x, dy, skip=None):
     """dy * gelu'(x), plus the skip connection's gradient in the same pass."""
     dx = tf.cast(dy, tf.float32) * _gelu_slope(tf.cast(x, tf.float32))
+    return tf.cast(dx if skip is None else dx + tf.cast(skip, tf.float32), dy.dtype)
+
+
+@tf.function(jit_compile=True, autograph=False)
+def _gelu_and_slope(x):
+    """GELU in x's dtype and its slope in float32, from one erf."""
+    x32 = tf.cast(x, tf.float32)
+    erf = tf.math.erf(_SQRT_HALF * x32)
+    return tf.cast(0.5 * x32 * (1. + erf), x.dtype), 0.5 + 0.5 * erf + x32 * _INV_SQRT_2PI * tf.exp(-0.5 * x32 * x32)
+
+
+@tf.function(jit_compile=True, autograph=False)
+def _times_slope(dy, slope, skip=None):
+    """_gelu_backward with the slope given."""
+    dx = tf.cast(dy, tf.float32) * slope
     return tf.cast(dx if skip is None else dx + tf.cast(skip, tf.float32), dy.dtype)
 
 
@@ -232,7 +283,8 @@ def rematerialised(fn, *args):
     flat_args, structure = tf.nest.flatten(args), []
 
     def flat_fn(*flat):
-        out = fn(*tf.nest.pack_sequence_as(args, list(flat)))
+        with keeping_slopes(False):        # what it would keep, it computes again anyway
+            out = fn(*tf.nest.pack_sequence_as(args, list(flat)))
         structure.append(out)
         return tf.nest.flatten(out)     # tf.recompute_grad pairs output gradients with a flat list
     flat_out = tf.recompute_grad(flat_fn)(*flat_args)

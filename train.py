@@ -24,6 +24,7 @@ import tensorflow as tf
 import checkpoints
 import data
 import figures
+import fastgraph
 import hparams
 import model as vdvae
 import sample
@@ -283,7 +284,7 @@ def _replica_step(state, hp, strategy):
         rows = (ctx.replica_id_in_sync_group * local_batch, local_batch * n_replicas)
         global_batch = tf.cast(local_batch * n_replicas, tf.float32)
         scale = tf.identity(state.loss_scale)
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, fastgraph.keeping_slopes():
             stats = model.losses_per_image(x_in, target, seed=seed, noise_rows=rows)
             loss = tf.reduce_sum(stats['elbo']) / global_batch
             scaled_loss = loss * scale if dynamic_scale else loss

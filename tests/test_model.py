@@ -203,6 +203,35 @@ def test_bottleneck_and_its_gradients_are_those_of_the_block_written_with_autodi
         np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-4, atol=1e-5 * np.abs(ref.numpy()).max())
 
 
+
+@pytest.mark.smoke
+@pytest.mark.parametrize('residual, split', [(True, None), (False, 4)])
+def test_a_bfloat16_block_keeping_gelus_slopes_gives_the_same_bits_as_recomputing_them(residual, split):
+    """keeping_slopes() (train.py's step in bfloat16): GELU's output and float32 slope kept for
+    the backward pass instead of recomputed there; outputs and gradients equal bit for bit."""
+    rng = np.random.default_rng(2)
+    width, mid = 6, 4
+    x = tf.cast(rng.normal(scale=3., size=(2, 5, 5, width)), tf.bfloat16)
+    if split:
+        x = (x[..., :split], x[..., split:])
+    shapes = [(1, 1, width, mid), (3, 3, mid, mid), (3, 3, mid, mid), (1, 1, mid, width)]
+    weights = [(tf.cast(rng.normal(scale=.5, size=s), tf.bfloat16), tf.cast(rng.normal(size=s[-1:]), tf.bfloat16))
+               for s in shapes]
+    w = tf.cast(rng.normal(size=(2, 5, 5, width)), tf.float32)
+    inputs = list(x) if split else [x]
+    results = []
+    for keep in (True, False):
+        functions = set(fastgraph._BLOCK_FUNCTIONS)
+        with tf.GradientTape() as tape, fastgraph.keeping_slopes(keep):
+            tape.watch([inputs, weights])
+            loss = tf.reduce_sum(w * tf.cast(fastgraph.bottleneck(x, weights, residual), tf.float32))
+        results.append([loss] + tape.gradient(loss, inputs + [t for pair in weights for t in pair]))
+        # the path asked for is the one taken
+        assert all(key[1] == keep for key in set(fastgraph._BLOCK_FUNCTIONS) - functions)
+    for kept, recomputed in zip(*results):
+        np.testing.assert_array_equal(tf.cast(kept, tf.float32).numpy(), tf.cast(recomputed, tf.float32).numpy())
+    assert any(key[1] for key in fastgraph._BLOCK_FUNCTIONS)
+
 @pytest.mark.parametrize('dtype', [tf.float32, tf.bfloat16])
 def test_add_sums_in_one_rounding_and_passes_the_gradient_to_each_term(dtype):
     rng = np.random.default_rng(0)
