@@ -213,28 +213,32 @@ def _gelu_forward(x):
     return tf.cast(0.5 * x32 * (1. + tf.math.erf(_SQRT_HALF * x32)), x.dtype)
 
 
-def _gelu_slope(x32):
-    return 0.5 + 0.5 * tf.math.erf(_SQRT_HALF * x32) + x32 * _INV_SQRT_2PI * tf.exp(-0.5 * x32 * x32)
+@tf.function(jit_compile=True, autograph=False)
+def _gelu_and_slope(x):
+    """GELU in x's dtype and its slope in float32, from one erf (keeping_slopes)."""
+    x32 = tf.cast(x, tf.float32)
+    erf = tf.math.erf(_SQRT_HALF * x32)
+    return tf.cast(0.5 * x32 * (1. + erf), x.dtype), _gelu_slope(x32, erf)
+
+
+def _gelu_slope(x32, erf=None):
+    erf = tf.math.erf(_SQRT_HALF * x32) if erf is None else erf
+    return 0.5 + 0.5 * erf + x32 * _INV_SQRT_2PI * tf.exp(-0.5 * x32 * x32)
 
 
 @tf.function(jit_compile=True, autograph=False)
 def _gelu_backward(x, dy, skip=None):
     """dy * gelu'(x), plus the skip connection's gradient in the same pass."""
-    dx = tf.cast(dy, tf.float32) * _gelu_slope(tf.cast(x, tf.float32))
-    return tf.cast(dx if skip is None else dx + tf.cast(skip, tf.float32), dy.dtype)
-
-
-@tf.function(jit_compile=True, autograph=False)
-def _gelu_and_slope(x):
-    """GELU in x's dtype and its slope in float32, from one erf."""
-    x32 = tf.cast(x, tf.float32)
-    erf = tf.math.erf(_SQRT_HALF * x32)
-    return tf.cast(0.5 * x32 * (1. + erf), x.dtype), 0.5 + 0.5 * erf + x32 * _INV_SQRT_2PI * tf.exp(-0.5 * x32 * x32)
+    return _times(dy, _gelu_slope(tf.cast(x, tf.float32)), skip)
 
 
 @tf.function(jit_compile=True, autograph=False)
 def _times_slope(dy, slope, skip=None):
-    """_gelu_backward with the slope given."""
+    """_gelu_backward with the slope kept from the forward pass."""
+    return _times(dy, slope, skip)
+
+
+def _times(dy, slope, skip):
     dx = tf.cast(dy, tf.float32) * slope
     return tf.cast(dx if skip is None else dx + tf.cast(skip, tf.float32), dy.dtype)
 
