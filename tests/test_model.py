@@ -175,6 +175,22 @@ def test_custom_widths_pad_channels_and_build():
     assert np.all(np.isfinite(m.losses_per_image(x_in, target)['elbo']))
 
 
+def _block_case(dtype, split, seed):
+    """A bottleneck block's input x (two tensors if split), its weights, the tensors to take
+    gradients for, and weights w of a loss over its outputs."""
+    rng = np.random.default_rng(seed)
+    width, mid = 6, 4
+    x = tf.cast(rng.normal(scale=3., size=(2, 5, 5, width)), dtype)
+    if split:
+        x = (x[..., :split], x[..., split:])
+    shapes = [(1, 1, width, mid), (3, 3, mid, mid), (3, 3, mid, mid), (1, 1, mid, width)]
+    weights = [(tf.cast(rng.normal(scale=.5, size=s), dtype), tf.cast(rng.normal(size=s[-1:]), dtype))
+               for s in shapes]
+    w = tf.constant(rng.normal(size=(2, 5, 5, width)), tf.float32)
+    inputs = list(x) if split else [x]
+    return x, weights, inputs + [t for pair in weights for t in pair], w
+
+
 @pytest.mark.smoke
 @pytest.mark.parametrize('residual, split', [(True, None), (False, None), (False, 4)])
 def test_bottleneck_and_its_gradients_are_those_of_the_block_written_with_autodiff(residual, split):
@@ -182,26 +198,16 @@ def test_bottleneck_and_its_gradients_are_those_of_the_block_written_with_autodi
     products, the skip's gradient added inside GELU's; split: its input given as two tensors,
     as the posterior's is, read without concatenating them) against the block in plain TF ops
     with autodiff on the concatenated input (bench.py's naive baseline)."""
-    rng = np.random.default_rng(0)
-    width, mid = 6, 4
-    x = tf.constant(rng.normal(scale=3., size=(2, 5, 5, width)), tf.float32)
-    if split:
-        x = (x[..., :split], x[..., split:])
-    shapes = [(1, 1, width, mid), (3, 3, mid, mid), (3, 3, mid, mid), (1, 1, mid, width)]
-    weights = [(tf.constant(rng.normal(scale=.5, size=s), tf.float32), tf.constant(rng.normal(size=s[-1:]), tf.float32))
-               for s in shapes]
-    w = tf.constant(rng.normal(size=(2, 5, 5, width)), tf.float32)     # a loss that weighs outputs
+    x, weights, sources, w = _block_case(tf.float32, split, seed=0)
     results = []
-    inputs = list(x) if split else [x]
     for f in (fastgraph.bottleneck, bench.naive_bottleneck):
         with tf.GradientTape() as tape:
-            tape.watch([inputs, weights])
+            tape.watch(sources)
             y = f(x, weights, residual)
             loss = tf.reduce_sum(w * y)
-        results.append([y] + tape.gradient(loss, inputs + [t for pair in weights for t in pair]))
+        results.append([y] + tape.gradient(loss, sources))
     for ours, ref in zip(*results):     # float32 round-off, on the scale of each tensor
         np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-4, atol=1e-5 * np.abs(ref.numpy()).max())
-
 
 
 @pytest.mark.smoke
@@ -209,28 +215,20 @@ def test_bottleneck_and_its_gradients_are_those_of_the_block_written_with_autodi
 def test_a_bfloat16_block_keeping_gelus_slopes_gives_the_same_bits_as_recomputing_them(residual, split):
     """keeping_slopes() (train.py's step in bfloat16): GELU's output and float32 slope kept for
     the backward pass instead of recomputed there; outputs and gradients equal bit for bit."""
-    rng = np.random.default_rng(2)
-    width, mid = 6, 4
-    x = tf.cast(rng.normal(scale=3., size=(2, 5, 5, width)), tf.bfloat16)
-    if split:
-        x = (x[..., :split], x[..., split:])
-    shapes = [(1, 1, width, mid), (3, 3, mid, mid), (3, 3, mid, mid), (1, 1, mid, width)]
-    weights = [(tf.cast(rng.normal(scale=.5, size=s), tf.bfloat16), tf.cast(rng.normal(size=s[-1:]), tf.bfloat16))
-               for s in shapes]
-    w = tf.cast(rng.normal(size=(2, 5, 5, width)), tf.float32)
-    inputs = list(x) if split else [x]
+    x, weights, sources, w = _block_case(tf.bfloat16, split, seed=2)
     results = []
     for keep in (True, False):
         functions = set(fastgraph._BLOCK_FUNCTIONS)
         with tf.GradientTape() as tape, fastgraph.keeping_slopes(keep):
-            tape.watch([inputs, weights])
+            tape.watch(sources)
             loss = tf.reduce_sum(w * tf.cast(fastgraph.bottleneck(x, weights, residual), tf.float32))
-        results.append([loss] + tape.gradient(loss, inputs + [t for pair in weights for t in pair]))
+        results.append([loss] + tape.gradient(loss, sources))
         # the path asked for is the one taken
         assert all(key[1] == keep for key in set(fastgraph._BLOCK_FUNCTIONS) - functions)
     for kept, recomputed in zip(*results):
         np.testing.assert_array_equal(tf.cast(kept, tf.float32).numpy(), tf.cast(recomputed, tf.float32).numpy())
     assert any(key[1] for key in fastgraph._BLOCK_FUNCTIONS)
+
 
 @pytest.mark.parametrize('dtype', [tf.float32, tf.bfloat16])
 def test_add_sums_in_one_rounding_and_passes_the_gradient_to_each_term(dtype):
