@@ -54,25 +54,43 @@ def _damage(prefix, how):
         os.remove(data)
 
 
-@pytest.mark.parametrize('how', ['truncated', 'zeroed', 'index deleted', 'data deleted'])
-def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_before_it(straight, tmp_path, how):
+def _without_the_newest(straight, tmp_path):
+    """A copy of the uninterrupted run folder that stopped at step 4 (checkpoints 2 and 4)."""
     logdir = str(tmp_path / 'run')
     shutil.copytree(straight, logdir)
-    for n in (6,):                       # the run ended at 6; go back to a folder that stopped at 4
-        for f in tf.io.gfile.glob(f'{logdir}/ckpt/ckpt-{n}.*'):
-            os.remove(f)
-    original = {f: open(f, 'rb').read() for f in tf.io.gfile.glob(f'{logdir}/ckpt/ckpt-4.*')}
+    for f in tf.io.gfile.glob(f'{logdir}/ckpt/ckpt-6.*'):
+        os.remove(f)
+    return logdir
+
+
+@pytest.mark.parametrize('how', ['truncated', 'zeroed', 'index deleted', 'data deleted'])
+def test_each_kind_of_damage_is_found_named_once_and_moved_aside_byte_for_byte(straight, tmp_path, capsys, how):
+    """What train.py calls at start-up to pick the checkpoint to resume from (its resume is
+    checked end to end below, once)."""
+    logdir = _without_the_newest(straight, tmp_path)
     _damage(f'{logdir}/ckpt/ckpt-4', how)
+    damaged = {f: open(f, 'rb').read() for f in tf.io.gfile.glob(f'{logdir}/ckpt/ckpt-4.*')}
+    assert checkpoints.newest_good(f'{logdir}/ckpt') == f'{logdir}/ckpt/ckpt-2'
+    warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith('warning:')]
+    assert len(warnings) == 1 and 'ckpt-4' in warnings[0] and 'using ckpt-2' in warnings[0], warnings
+    # The bad checkpoint is kept, byte for byte, in ckpt/corrupt/; the good one stays.
+    assert damaged and not tf.io.gfile.glob(f'{logdir}/ckpt/ckpt-4.*')
+    for f, content in damaged.items():
+        assert open(os.path.join(logdir, 'ckpt', 'corrupt', os.path.basename(f)), 'rb').read() == content
+    checkpoints.verify(f'{logdir}/ckpt/ckpt-2')
+
+
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_before_it(straight, tmp_path):
+    logdir = _without_the_newest(straight, tmp_path)
+    _damage(f'{logdir}/ckpt/ckpt-4', 'truncated')     # what a preemption in mid-write leaves
     damaged = {f: open(f, 'rb').read() for f in tf.io.gfile.glob(f'{logdir}/ckpt/ckpt-4.*')}
     r = _train(logdir, '--steps=6', '--save_every=2', '--keep_checkpoints=5')
     assert r.returncode == 0, r.stderr[-2000:]
     warnings = [l for l in r.stderr.splitlines() if l.startswith('warning:')]
     assert len(warnings) == 1 and 'ckpt-4' in warnings[0], r.stderr[-2000:]
     assert 'resumed from' in r.stdout and 'ckpt-2 at step 2' in r.stdout
-    # The bad checkpoint is kept, byte for byte, in ckpt/corrupt/; the good ones are all there.
     for f, content in damaged.items():
         assert open(os.path.join(logdir, 'ckpt', 'corrupt', os.path.basename(f)), 'rb').read() == content
-    assert os.path.isfile(f'{logdir}/ckpt/ckpt-2.index') and len(original) == 2
     # Resume is exact: the same weights, EMA and optimizer state as the uninterrupted run.
     assert_same_state(f'{straight}/ckpt/ckpt-6', f'{logdir}/ckpt/ckpt-6')
 
@@ -181,12 +199,7 @@ def test_under_multi_worker_training_a_signal_to_one_worker_stops_both_at_one_st
         assert f'at step {step}' in out and 'done: 20 steps' in out, out[-2000:]
 
 
-KILL_RUN = ('--steps=60', '--save_every=3', '--eval_every=10', '--keep_checkpoints=3')
-
-
-@pytest.fixture(scope='module')
-def straight60(tmp_path_factory):
-    return _uninterrupted(tmp_path_factory, *KILL_RUN)
+KILL_RUN = ('--steps=30', '--save_every=3', '--eval_every=10', '--keep_checkpoints=3')
 
 
 def _newest_complete(ckpt_dir):
@@ -206,16 +219,17 @@ def _wait_for_step(path, proc, wanted):
     return False
 
 
-def test_kill_9_at_random_moments_loses_no_save_and_ends_bit_identical(straight60, tmp_path):
-    """SIGKILL at 10 seeded random moments, the same command restarted after each: twice during
-    the start-up (restore, trace), three times during updates, three times aimed at a save
-    (0 to 0.2 s after the log line of a step that saves) and twice during an evaluation. Each restart
+def test_kill_9_at_random_moments_loses_no_save_and_ends_bit_identical(straight30, tmp_path):
+    """SIGKILL at 6 seeded random moments, the same command restarted after each: once during
+    the start-up (restore, trace), twice during updates, twice aimed at a save (0 to 0.2 s
+    after the log line of a step that saves) and once during an evaluation. Each restart
     resumes from the newest complete checkpoint, no kill undoes a finished save, and the run
-    ends with the weights, EMA and optimizer state of the uninterrupted run, bit for bit."""
+    ends with the weights, EMA and optimizer state of the uninterrupted run (which neither
+    saved nor evaluated on the way), bit for bit."""
     import random
     import re
     rng = random.Random(20261203)
-    moments = ['start-up'] * 2 + ['update'] * 3 + ['save'] * 3 + ['evaluation'] * 2
+    moments = ['start-up'] + ['update'] * 2 + ['save'] * 2 + ['evaluation']
     rng.shuffle(moments)
     logdir = str(tmp_path / 'run')
     args = [sys.executable, os.path.join(cli.ROOT, 'train.py'), *RUN, f'--logdir={logdir}', *KILL_RUN]
@@ -251,9 +265,9 @@ def test_kill_9_at_random_moments_loses_no_save_and_ends_bit_identical(straight6
         last_saved = now
         if moment:
             assert proc.returncode == -signal.SIGKILL, (moment, text[-2000:])
-    assert proc.returncode == 0 and 'done: 60 steps' in text, text[-2000:]
-    assert killed == moments and len(resumed) >= 6 and resumed == sorted(resumed), (killed, resumed)
-    assert_same_state(f'{straight60}/ckpt/ckpt-60', f'{logdir}/ckpt/ckpt-60')
+    assert proc.returncode == 0 and 'done: 30 steps' in text, text[-2000:]
+    assert killed == moments and len(resumed) >= 4 and resumed == sorted(resumed), (killed, resumed)
+    assert_same_state(f'{straight30}/ckpt/ckpt-30', f'{logdir}/ckpt/ckpt-30')
 
 
 @contextlib.contextmanager
