@@ -126,8 +126,10 @@ PLANS = {
     '--precision=mixed_bfloat16': Plan(
         replace=(('gs://bucket/tfds', 'tfds'),),
         error=r'downsampled_imagenet/32x32: not prepared in tfds, and tfds cannot download it: no network'),
-    'python bench.py --presets=cifar10 --jit_compile': Plan(           # eval, sample: the --xla line below
-        replace=(('--presets=cifar10', '--presets=tiny'),), extra=('--steps=1', '--batch=2', '--paths=train',
+    # The flag and its path through bench.py, on the quickest compile (the train step's XLA:
+    # tests/test_xla.py; evaluation under --xla: the line below).
+    'python bench.py --presets=cifar10 --jit_compile': Plan(
+        replace=(('--presets=cifar10', '--presets=tiny'),), extra=('--steps=1', '--eval_batch=2', '--paths=sample',
                                                                   '--ceiling=false'), prints=r'"xla": true'),
     'python train.py --hparams=demo --dataset=folder:/path/to/my/images --logdir=runs/mine': Plan(
         replace=(('/path/to/my/images', 'digits'),), extra=STEPS,
