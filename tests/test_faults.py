@@ -54,43 +54,44 @@ def _damage(prefix, how):
         os.remove(data)
 
 
-def _without_the_newest(straight, tmp_path):
-    """A copy of the uninterrupted run folder that stopped at step 4 (checkpoints 2 and 4)."""
+def _newest_damaged(straight, tmp_path, how):
+    """A copy of the uninterrupted run folder as if it had stopped at step 4, its ckpt-4
+    damaged `how`; and the damaged files' bytes."""
     logdir = str(tmp_path / 'run')
     shutil.copytree(straight, logdir)
     for f in tf.io.gfile.glob(f'{logdir}/ckpt/ckpt-6.*'):
         os.remove(f)
-    return logdir
+    _damage(f'{logdir}/ckpt/ckpt-4', how)
+    return logdir, {f: open(f, 'rb').read() for f in tf.io.gfile.glob(f'{logdir}/ckpt/ckpt-4.*')}
+
+
+def _assert_kept_in_corrupt(logdir, damaged):
+    """The bad checkpoint is kept, byte for byte, in ckpt/corrupt/."""
+    for f, content in damaged.items():
+        assert open(os.path.join(logdir, 'ckpt', 'corrupt', os.path.basename(f)), 'rb').read() == content
 
 
 @pytest.mark.parametrize('how', ['truncated', 'zeroed', 'index deleted', 'data deleted'])
 def test_each_kind_of_damage_is_found_named_once_and_moved_aside_byte_for_byte(straight, tmp_path, capsys, how):
     """What train.py calls at start-up to pick the checkpoint to resume from (its resume is
     checked end to end below, once)."""
-    logdir = _without_the_newest(straight, tmp_path)
-    _damage(f'{logdir}/ckpt/ckpt-4', how)
-    damaged = {f: open(f, 'rb').read() for f in tf.io.gfile.glob(f'{logdir}/ckpt/ckpt-4.*')}
+    logdir, damaged = _newest_damaged(straight, tmp_path, how)
     assert checkpoints.newest_good(f'{logdir}/ckpt') == f'{logdir}/ckpt/ckpt-2'
     warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith('warning:')]
     assert len(warnings) == 1 and 'ckpt-4' in warnings[0] and 'using ckpt-2' in warnings[0], warnings
-    # The bad checkpoint is kept, byte for byte, in ckpt/corrupt/; the good one stays.
     assert damaged and not tf.io.gfile.glob(f'{logdir}/ckpt/ckpt-4.*')
-    for f, content in damaged.items():
-        assert open(os.path.join(logdir, 'ckpt', 'corrupt', os.path.basename(f)), 'rb').read() == content
+    _assert_kept_in_corrupt(logdir, damaged)
     checkpoints.verify(f'{logdir}/ckpt/ckpt-2')
 
 
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_before_it(straight, tmp_path):
-    logdir = _without_the_newest(straight, tmp_path)
-    _damage(f'{logdir}/ckpt/ckpt-4', 'truncated')     # what a preemption in mid-write leaves
-    damaged = {f: open(f, 'rb').read() for f in tf.io.gfile.glob(f'{logdir}/ckpt/ckpt-4.*')}
+    logdir, damaged = _newest_damaged(straight, tmp_path, 'truncated')    # a preemption in mid-write
     r = _train(logdir, '--steps=6', '--save_every=2', '--keep_checkpoints=5')
     assert r.returncode == 0, r.stderr[-2000:]
     warnings = [l for l in r.stderr.splitlines() if l.startswith('warning:')]
     assert len(warnings) == 1 and 'ckpt-4' in warnings[0], r.stderr[-2000:]
     assert 'resumed from' in r.stdout and 'ckpt-2 at step 2' in r.stdout
-    for f, content in damaged.items():
-        assert open(os.path.join(logdir, 'ckpt', 'corrupt', os.path.basename(f)), 'rb').read() == content
+    _assert_kept_in_corrupt(logdir, damaged)
     # Resume is exact: the same weights, EMA and optimizer state as the uninterrupted run.
     assert_same_state(f'{straight}/ckpt/ckpt-6', f'{logdir}/ckpt/ckpt-6')
 
