@@ -22,7 +22,10 @@ def cut_network(attempted=None):
     def send(self, request, **kwargs):
         if attempted is not None:
             attempted.append(request.url)
-        print(f'offline: {request.method} {request.url}', file=sys.stderr, flush=True)
+        # one write for the whole line: print() writes the text and its newline separately, and
+        # tfds downloads in threads, so the main thread's error line could land between them
+        sys.stderr.write(f'offline: {request.method} {request.url}\n')
+        sys.stderr.flush()
         raise requests.exceptions.ConnectionError(f'tests/offline.py refused {request.url}')
     requests.adapters.HTTPAdapter.send = send
     return original
