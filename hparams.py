@@ -370,7 +370,8 @@ def fresh_line():
 
 def fail(message):
     """The one-line error our scripts end with: no traceback, exit status 2."""
-    print(f'{fresh_line()}error: {message}', file=sys.stderr)
+    sys.stderr.write(f'{fresh_line()}error: {message}\n')     # one write: threads may print too
+    sys.stderr.flush()
     sys.exit(2)
 
 
