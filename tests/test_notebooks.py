@@ -13,10 +13,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASE = os.path.join(ROOT, 'tests', 'data', 'official_case', 'official.th')
 
 
-def _execute(name, **parameters):
+def _execute(name, upto=None, **parameters):
     """Run notebooks/<name> with `parameters` set after its parameters cell (as papermill
-    does); returns every cell's outputs and the text they printed."""
+    does); returns every cell's outputs and the text they printed. upto: run the cells down to
+    the first whose source holds this text (a user re-running the notebook down to a cell)."""
     nb = nbformat.read(os.path.join(ROOT, 'notebooks', name), as_version=4)
+    if upto is not None:
+        (last, *_) = [i for i, c in enumerate(nb.cells) if upto in c.source]
+        nb.cells = nb.cells[:last + 1]
     first = nb.cells[0]
     assert first.cell_type == 'markdown' and first.source.startswith('# ')   # says what it does
     (index,) = [i for i, c in enumerate(nb.cells) if 'parameters' in c.metadata.get('tags', [])]
@@ -47,8 +51,8 @@ def test_the_training_notebook_trains_resumes_evaluates_and_shows_images(tmp_pat
     # The training curve, the latest preview grid and the temperature samples.
     assert len(_images(outputs)) == 3
     assert os.path.isfile(os.path.join(logdir, 'curve.png'))
-    # The same notebook again with more steps resumes the run in LOGDIR.
-    _, text = _execute('train_colab.ipynb', **dict(params, STEPS=6))
+    # The same notebook again with more steps, down to its training cell, resumes the run in LOGDIR.
+    _, text = _execute('train_colab.ipynb', upto="run('train.py'", **dict(params, STEPS=6))
     assert 'resumed from' in text and 'at step 4' in text and 'done: 6 steps' in text
 
 
