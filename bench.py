@@ -45,7 +45,7 @@ import data
 import hparams
 import model as vdvae
 import sample
-import train
+import steps
 
 flags.DEFINE_list('presets', ['cifar10', 'imagenet32'], 'presets to measure')
 flags.DEFINE_integer('batch', 8, 'batch size')
@@ -116,52 +116,52 @@ def random_batch(hp, batch):
             tf.constant(rng.integers(0, 256, size=shape) / 127.5 - 1., tf.float32))
 
 
-def timed(run, steps):
+def timed(run, repeats):
     """Seconds of the first call of `run` (trace, graph optimisation, run) and the median of
-    `steps` more."""
+    `repeats` more."""
     t0 = time.time()
     run()
     first = time.time() - t0
     times = []
-    for _ in range(steps):
+    for _ in range(repeats):
         t0 = time.time()
         run()
         times.append(time.time() - t0)
     return first, float(np.median(times))
 
 
-def bench_train_step(hp, batch, steps, remat=False, jit_compile=False):
+def bench_train_step(hp, batch, repeats, remat=False, jit_compile=False):
     """train.py's own step (the update rule: clip, skip, EMA, the official AdamW). Memory: the
     resident size once the model and optimizer are built, and the process's peak after training."""
     strategy = tf.distribute.get_strategy()
     t0 = time.time()
-    state = train.create_state(hp, strategy, remat=remat)
+    state = steps.create_state(hp, strategy, remat=remat)
     build = time.time() - t0
     resident = rss_gb()
-    step = train.make_train_step(state, hp, strategy, jit_compile=jit_compile)
+    step = steps.make_train_step(state, hp, strategy, jit_compile=jit_compile)
     x_in, target = random_batch(hp, batch)
     t0 = time.time()
     step.get_concrete_function(x_in, target)
     trace = time.time() - t0
-    first, steady = timed(lambda: float(step(x_in, target)['elbo']), steps)
+    first, steady = timed(lambda: float(step(x_in, target)['elbo']), repeats)
     return state.model, dict(variables=len(state.model.trainable_variables), build=build, trace=trace,
                              first=trace + first, step=steady, img_s=batch / steady, resident_gb=resident,
                              peak_gb=peak_rss_gb())
 
 
-def bench_eval(model, hp, batch, steps, jit_compile=False):
+def bench_eval(model, hp, batch, repeats, jit_compile=False):
     """train.py's evaluation step (the negative ELBO of a batch, noise seeded per batch)."""
-    step = train.make_eval_step(model, hp, tf.distribute.get_strategy(), jit_compile)
+    step = steps.make_eval_step(model, hp, tf.distribute.get_strategy(), jit_compile)
     x_in, target = random_batch(hp, batch)
     mask = tf.ones([batch])
-    first, steady = timed(lambda: float(step(x_in, target, mask)['elbo']), steps)
+    first, steady = timed(lambda: float(step(x_in, target, mask)['elbo']), repeats)
     return dict(first=first, step=steady, img_s=batch / steady, peak_gb=peak_rss_gb())
 
 
-def bench_sampling(model, batch, steps, jit_compile=False):
+def bench_sampling(model, batch, repeats, jit_compile=False):
     """sample.py's sampler at temperature 0.85."""
     sampler = sample.make_sampler(model, jit_compile)
-    first, steady = timed(lambda: sampler(batch, 0.85, [0, 0]).numpy(), steps)
+    first, steady = timed(lambda: sampler(batch, 0.85, [0, 0]).numpy(), repeats)
     return dict(first=first, step=steady, img_s=batch / steady, peak_gb=peak_rss_gb())
 
 

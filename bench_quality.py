@@ -18,6 +18,7 @@ import data
 import hparams
 import model as vdvae
 import sample
+import steps
 import train
 
 # --learn: does training learn at the official code's speed? The same small configuration,
@@ -32,16 +33,16 @@ LEARN = dict(dataset='mnist5k', image_size=32, width=64, zdim=8, num_mixtures=5,
 OFFICIAL_LEARN = {500: (0.726, 2.345), 1000: (0.665, 1.438), 1500: (0.574, 1.244), 2000: (0.557, 1.245)}
 
 
-def learn(steps, every, n_images=None):
+def learn(total_steps, every, n_images=None):
     """Validation bits/dim of the raw and the EMA weights every `every` steps."""
-    hp = hparams.load('demo', **LEARN, steps=steps)
+    hp = hparams.load('demo', **LEARN, steps=total_steps)
     strategy = tf.distribute.get_strategy()
     keras.utils.set_random_seed(hp.seed)
-    state = train.create_state(hp, strategy)
+    state = steps.create_state(hp, strategy)
     ema_model = vdvae.VDVAE(hp)
-    loop = train.make_train_loop(state, hp, strategy)
+    loop = steps.make_train_loop(state, hp, strategy)
     batches = iter(data.train_dataset(hp, strategy))
-    raw_eval, ema_eval = (train.make_eval_step(m, hp, strategy) for m in (state.model, ema_model))
+    raw_eval, ema_eval = (steps.make_eval_step(m, hp, strategy) for m in (state.model, ema_model))
     n = n_images or data.split_size(hp.dataset, 'valid', hp.image_size)
     print(f'learning check: width {hp.width}, zdim {hp.zdim}, batch {hp.batch_size}, lr {hp.lr}, '
           f'EMA {hp.ema_rate}, {vdvae.count_params(state.model):,} parameters; validation bits/dim '
@@ -49,12 +50,12 @@ def learn(steps, every, n_images=None):
     print(f'{"step":>5} {"raw":>7} {"EMA":>7} {"official raw":>13} {"official EMA":>13} {"skipped":>8} '
           f'{"s":>6}', flush=True)
     rows, t0, step = [], time.time(), 0
-    while step < steps:
-        n_steps = min(every - step % every, steps - step, 50)    # a progress line every 50 steps
+    while step < total_steps:
+        n_steps = min(every - step % every, total_steps - step, 50)    # a progress line every 50 steps
         loop(batches, tf.constant(n_steps))
         step += n_steps
-        hparams.progress(f'step {step}', step, steps, t0, every=30.)
-        if step % every and step < steps:
+        hparams.progress(f'step {step}', step, total_steps, t0, every=30.)
+        if step % every and step < total_steps:
             continue
         train.copy_ema(state, ema_model)
         raw, ema = (train.evaluate(e, data.eval_dataset(hp, 'valid', strategy, n_images=n))['bits_per_dim']

@@ -32,6 +32,7 @@ import hparams
 from hparams import parse_blocks
 import model as vdvae
 import sample
+import steps
 import train
 
 FLAGS = flags.FLAGS
@@ -334,7 +335,7 @@ def import_run(hp, out, ema_path, model_path=None):
         raise CheckpointError(f'{out} is a file; --out names the run folder to create')
     if tf.io.gfile.exists(ckpt_dir) and tf.io.gfile.listdir(ckpt_dir):
         raise CheckpointError(f'{out} already holds a checkpoint ({ckpt_dir}); not overwriting it')
-    state = train.create_state(hp, tf.distribute.get_strategy())
+    state = steps.create_state(hp, tf.distribute.get_strategy())
     tensors = len(_load_file(state.model, ema_path))
     for v, e in zip(state.model.weights, state.ema):
         e.assign(v.value)

@@ -14,17 +14,18 @@ import tensorflow as tf  # noqa: E402
 
 import data  # noqa: E402
 import hparams  # noqa: E402
+import steps  # noqa: E402
 import train  # noqa: E402
 
 
-def main(out, steps):
+def main(out, n_steps):
     strategy = train.make_strategy('multiworker')
     hp = hparams.load('tiny', batch_size=4)
     keras.utils.set_random_seed(hp.seed)
-    state = train.create_state(hp, strategy)
-    step = train.make_train_step(state, hp, strategy)
+    state = steps.create_state(hp, strategy)
+    step = steps.make_train_step(state, hp, strategy)
     batches = iter(data.train_dataset(hp, strategy))
-    losses = [float(step(*next(batches))['elbo']) for _ in range(steps)]
+    losses = [float(step(*next(batches))['elbo']) for _ in range(n_steps)]
     np.savez(out, *[v.numpy() for v in state.model.weights], *[e.numpy() for e in state.ema],
              losses=np.array(losses), step=state.step.numpy(), replicas=strategy.num_replicas_in_sync)
 

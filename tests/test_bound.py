@@ -10,7 +10,7 @@ import data
 import hparams
 import model as vdvae
 import sample
-import train
+import steps
 
 
 @pytest.fixture(scope='module')
@@ -20,8 +20,8 @@ def trained():
     hp = hparams.load('tiny', batch_size=16, warmup_iters=10)
     keras.utils.set_random_seed(0)
     strategy = tf.distribute.get_strategy()
-    state = train.create_state(hp, strategy)
-    step, batches = train.make_train_step(state, hp, strategy), iter(data.train_dataset(hp, strategy))
+    state = steps.create_state(hp, strategy)
+    step, batches = steps.make_train_step(state, hp, strategy), iter(data.train_dataset(hp, strategy))
     for _ in range(60):
         out = step(*next(batches))
     assert out['skipped'] == 0
@@ -42,7 +42,7 @@ def test_one_draw_equals_the_elbo_in_expectation(trained):
     assert np.abs(diff).max() > 1e-4
     assert abs(diff.mean()) < 4 * diff.std() / math.sqrt(diff.size)
     # The eval step with K = 1 is exactly one draw's -log weight, averaged.
-    step = train.make_iw_eval_step(m, hp, tf.distribute.get_strategy(), 1)
+    step = steps.make_iw_eval_step(m, hp, tf.distribute.get_strategy(), 1)
     out = step(x_in, target, tf.ones(16))
     seed = vdvae._split_seed(tf.constant([hp.seed, -1]), 1)[0]        # batch 0's one pass
     expected = -m.log_weights(x_in, target, seed=seed, noise_rows=(0, 16, 1)).numpy() / dims
@@ -55,7 +55,7 @@ def test_more_draws_tighten_the_bound(trained):
     strategy = tf.distribute.get_strategy()
     bound = {}
     for k in (1, 4, 16):
-        step = train.make_iw_eval_step(m, hp, strategy, k)
+        step = steps.make_iw_eval_step(m, hp, strategy, k)
         # Two batches of 64 images: independent draws for 128 images.
         bound[k] = np.mean([float(step(x_in[i:i + 64], target[i:i + 64], tf.ones(64))['elbo']) / 64
                             for i in (0, 64)])
@@ -70,7 +70,7 @@ def test_padding_and_broken_images_are_left_out(trained):
     x = x_in[:4].numpy()
     x[1] = np.nan
     mask = tf.constant([1., 1., 1., 0.])
-    out = train.make_iw_eval_step(m, hp, tf.distribute.get_strategy(), 2)(x, target[:4], mask)
+    out = steps.make_iw_eval_step(m, hp, tf.distribute.get_strategy(), 2)(x, target[:4], mask)
     assert float(out['images']) == 2 and float(out['nonfinite']) == 1 and np.isfinite(float(out['elbo']))
 
 
@@ -82,8 +82,8 @@ def test_the_bound_under_two_replicas_equals_one_devices(trained):
                                               cross_device_ops=tf.distribute.ReductionToOneDevice())
     dataset = tf.data.Dataset.from_tensor_slices((x_in[:8], target[:8], tf.ones(8))).batch(8)
     batch = next(iter(strategy.experimental_distribute_dataset(dataset)))
-    one_device = train.make_iw_eval_step(m, hp, tf.distribute.get_strategy(), 8)
-    two = train.make_iw_eval_step(m, hp, strategy, 8)
+    one_device = steps.make_iw_eval_step(m, hp, tf.distribute.get_strategy(), 8)
+    two = steps.make_iw_eval_step(m, hp, strategy, 8)
     for b in (0, 1):
         out = two(*batch, batch=b)
         one = one_device(x_in[:8], target[:8], tf.ones(8), batch=b)

@@ -14,6 +14,7 @@ from conftest import fit
 import data
 import hparams
 import model as vdvae
+import steps
 import train
 
 pytest.importorskip('constriction')
@@ -90,7 +91,7 @@ def runs(tmp_path_factory, trained):
     for k in range(2):
         folder = str(root / f'run{k}')
         keras.utils.set_random_seed(k)
-        state = train.create_state(hparams.load('tiny'), tf.distribute.get_strategy())
+        state = steps.create_state(hparams.load('tiny'), tf.distribute.get_strategy())
         if k == 0:
             for v, w, e in zip(state.model.weights, trained.weights, state.ema):
                 e.assign(w)

@@ -14,6 +14,7 @@ import cli
 import figures
 import hparams
 import sample
+import steps
 import train
 
 @pytest.fixture(scope='module')
@@ -23,7 +24,7 @@ def run(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp('run'))
     hp = hparams.load('tiny')
     keras.utils.set_random_seed(3)
-    state = train.create_state(hp, tf.distribute.get_strategy())
+    state = steps.create_state(hp, tf.distribute.get_strategy())
     rng = np.random.default_rng(0)
     for e in state.ema:
         e.assign(e + rng.normal(0, 0.05, e.shape).astype(np.float32))
@@ -185,7 +186,7 @@ def test_stats_csv_sums_to_the_models_rate(run, tmp_path):
 def _variant_run(folder, seed, **variant):
     hp = hparams.load('tiny', **variant)
     keras.utils.set_random_seed(seed)
-    state = train.create_state(hp, tf.distribute.get_strategy())
+    state = steps.create_state(hp, tf.distribute.get_strategy())
     train.check_run_folder(folder, hp)
     tf.train.CheckpointManager(state.checkpoint(), os.path.join(folder, 'ckpt'), 1).save(checkpoint_number=1)
     return state.model
@@ -233,7 +234,7 @@ def test_bad_input_ends_in_one_line(run, tmp_path):
     assert 'no hparams.json' in cli.error_line(cli.run('sample.py', f'--ckpt={tmp_path}/nothing'))
     # A foreign checkpoint: another configuration's weights under this run's hparams.json.
     foreign = tmp_path / 'foreign'
-    state = train.create_state(hparams.load('tiny', width=16), tf.distribute.get_strategy())
+    state = steps.create_state(hparams.load('tiny', width=16), tf.distribute.get_strategy())
     tf.train.CheckpointManager(state.checkpoint(), str(foreign / 'ckpt'), 1).save(checkpoint_number=1)
     (foreign / 'hparams.json').write_text(open(os.path.join(run[0], 'hparams.json')).read())
     assert 'cannot be restored' in cli.error_line(cli.run('sample.py', f'--ckpt={foreign}'))

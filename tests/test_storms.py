@@ -12,6 +12,7 @@ import tensorflow as tf
 import checkpoints
 import cli
 import hparams
+import steps
 import train
 from test_train import _weights, assert_same_state
 
@@ -72,11 +73,11 @@ def test_a_log_line_reports_its_interval_and_figure_6_is_drawn(below_guard, tmp_
     assert r.returncode == 0, r.stderr[-2000:]
     lines = _log(logdir)
     assert [l['step'] for l in lines] == [4, 8, 12]
-    for line, steps in zip(lines, (per_step[0:4], per_step[4:8], per_step[8:12])):
+    for line, interval in zip(lines, (per_step[0:4], per_step[4:8], per_step[8:12])):
         for k in ('elbo', 'distortion', 'rate', 'grad_norm'):
-            assert line[k] == pytest.approx(np.mean([s[k] for s in steps]), rel=1e-6), (line['step'], k)
-        assert line['grad_norm_max'] == pytest.approx(max(s['grad_norm'] for s in steps), rel=1e-6)
-        assert line['skipped'] == sum(s['skipped'] for s in steps) and line['nonfinite'] == 0
+            assert line[k] == pytest.approx(np.mean([s[k] for s in interval]), rel=1e-6), (line['step'], k)
+        assert line['grad_norm_max'] == pytest.approx(max(s['grad_norm'] for s in interval), rel=1e-6)
+        assert line['skipped'] == sum(s['skipped'] for s in interval) and line['nonfinite'] == 0
     assert [l['skipped'] for l in lines] == [1, 4, 1] and lines[-1]['skipped_total'] == 6
     assert '\r' not in r.stderr
     assert [l for l in r.stderr.splitlines() if l.startswith('step ')][0].startswith('step 4 elbo')
@@ -142,7 +143,7 @@ def test_a_resumed_run_may_change_only_its_length_and_the_remedies(tmp_path, cap
 def test_non_finite_state_is_never_saved(tmp_path):
     hp = hparams.load('tiny')
     strategy = tf.distribute.get_strategy()
-    state = train.create_state(hp, strategy)
+    state = steps.create_state(hp, strategy)
     manager = tf.train.CheckpointManager(state.checkpoint(), str(tmp_path), 3)
     assert checkpoints.save(manager, state, 1).endswith('ckpt-1')
     weights = state.model.weights[3]
@@ -165,8 +166,8 @@ def test_a_storm_of_non_finite_steps_is_skipped_and_training_recovers(storm):
     hp = hparams.load('tiny', warmup_iters=1)
     strategy = _mirrored()
     keras.utils.set_random_seed(0)
-    state = train.create_state(hp, strategy)
-    loop = train.make_train_loop(state, hp, strategy)
+    state = steps.create_state(hp, strategy)
+    loop = steps.make_train_loop(state, hp, strategy)
     batches = [_batch(seed=i) for i in range(12)]
     for x_in, _ in batches[3:9]:
         if storm == 'nan_on_one_replica':

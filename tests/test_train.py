@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import cli
 import hparams
+import steps
 import train
 
 
@@ -25,13 +26,13 @@ def test_evaluation_draws_fresh_noise_per_batch_the_same_on_any_number_of_replic
     device or two replicas (each image gets its row of the global batch's draw)."""
     hp = hparams.load('tiny')
     keras.utils.set_random_seed(0)
-    m = train.create_state(hp, tf.distribute.get_strategy()).model
+    m = steps.create_state(hp, tf.distribute.get_strategy()).model
     x_in, target = _batch(n=8, seed=3)
     mask = np.ones(8, np.float32)
-    one = train.make_eval_step(m, hp, tf.distribute.get_strategy())
+    one = steps.make_eval_step(m, hp, tf.distribute.get_strategy())
     strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'],
                                               cross_device_ops=tf.distribute.ReductionToOneDevice())
-    two = train.make_eval_step(m, hp, strategy)
+    two = steps.make_eval_step(m, hp, strategy)
     split = next(iter(strategy.experimental_distribute_dataset(
         tf.data.Dataset.from_tensor_slices((x_in, target, mask)).batch(8))))
     sums = {b: {k: float(v) for k, v in one(x_in, target, mask, batch=b).items()} for b in (0, 1, 2)}
@@ -44,8 +45,8 @@ def test_evaluation_draws_fresh_noise_per_batch_the_same_on_any_number_of_replic
 
 def _run(strategy, hp, batches):
     keras.utils.set_random_seed(0)
-    state = train.create_state(hp, strategy)
-    step = train.make_train_step(state, hp, strategy)
+    state = steps.create_state(hp, strategy)
+    step = steps.make_train_step(state, hp, strategy)
     outs = []
     for x_in, target in batches:
         if strategy.num_replicas_in_sync > 1:
@@ -82,8 +83,8 @@ def test_a_bad_step_is_skipped_by_every_replica_and_touches_nothing(fault):
     hp = hparams.load('tiny', warmup_iters=1)
     strategy = _mirrored()
     keras.utils.set_random_seed(0)
-    state = train.create_state(hp, strategy)
-    step = train.make_train_step(state, hp, strategy)
+    state = steps.create_state(hp, strategy)
+    step = steps.make_train_step(state, hp, strategy)
     good = _batch(seed=1)
     dist = lambda x, t: next(iter(strategy.experimental_distribute_dataset(
         tf.data.Dataset.from_tensor_slices((x, t)).batch(len(x)))))
@@ -96,7 +97,7 @@ def test_a_bad_step_is_skipped_by_every_replica_and_touches_nothing(fault):
         x_in[5] = np.nan                     # image 5 lives on the second replica
     else:
         state_hp = hp.replace(skip_threshold=1e-9)
-        step = train.make_train_step(state, state_hp, strategy)
+        step = steps.make_train_step(state, state_hp, strategy)
     out = step(*dist(x_in, target))
     assert out['skipped'] == 1
     after = _snapshot(state)
@@ -114,8 +115,8 @@ def test_a_bad_step_is_skipped_by_every_replica_and_touches_nothing(fault):
 def test_skip_threshold_minus_one_never_skips_on_the_norm_but_still_skips_non_finite_steps():
     hp = hparams.load('tiny', warmup_iters=1, skip_threshold=-1)
     keras.utils.set_random_seed(0)
-    state = train.create_state(hp, tf.distribute.get_strategy())
-    step = train.make_train_step(state, hp, tf.distribute.get_strategy())
+    state = steps.create_state(hp, tf.distribute.get_strategy())
+    step = steps.make_train_step(state, hp, tf.distribute.get_strategy())
     assert float(step(*_batch(seed=1))['skipped']) == 0            # a norm >= -1 is not a skip
     before = _snapshot(state)['weights']
     x_in, target = _batch(seed=2)
@@ -129,8 +130,8 @@ def test_ema_follows_the_applied_weights():
     hp = hparams.load('tiny', warmup_iters=1, ema_rate=0.9)
     strategy = tf.distribute.get_strategy()
     keras.utils.set_random_seed(0)
-    state = train.create_state(hp, strategy)
-    step = train.make_train_step(state, hp, strategy)
+    state = steps.create_state(hp, strategy)
+    step = steps.make_train_step(state, hp, strategy)
     ema = [v.numpy() for v in state.model.weights]       # EMA starts at the initial weights
     for i in range(3):
         step(*_batch(seed=i))
@@ -141,7 +142,7 @@ def test_ema_follows_the_applied_weights():
 
 def test_warm_up_is_linear_in_all_steps_then_constant():
     step = tf.Variable(0, dtype=tf.int64)
-    schedule = train.WarmUp(1e-3, 100, step)
+    schedule = steps.WarmUp(1e-3, 100, step)
     values = []
     for s in (0, 1, 50, 99, 100, 1000):
         step.assign(s)
@@ -267,9 +268,9 @@ def test_float16_uses_a_dynamic_loss_scale_that_halves_on_overflow():
         hp = hparams.load('tiny', warmup_iters=1)
         keras.utils.set_random_seed(0)
         strategy = tf.distribute.get_strategy()
-        state = train.create_state(hp, strategy, loss_scale=2. ** 100)    # overflows float16
+        state = steps.create_state(hp, strategy, loss_scale=2. ** 100)    # overflows float16
         assert state.model.decoder.compute_dtype == 'float16'
-        step = train.make_train_step(state, hp, strategy)
+        step = steps.make_train_step(state, hp, strategy)
         before = _snapshot(state)
         out = step(*_batch(seed=0))
         assert out['skipped'] == 1 and np.isfinite(out['elbo'])
@@ -289,13 +290,13 @@ def test_evaluation_averages_per_image_counts_non_finite_images_and_ignores_padd
     hp = hparams.load('tiny')
     keras.utils.set_random_seed(0)
     strategy = tf.distribute.get_strategy()
-    m = train.create_state(hp, strategy).model
+    m = steps.create_state(hp, strategy).model
     x_in, target = _batch(n=8, seed=3)
     x_in[2] = np.nan                               # a broken image: counted, not averaged
     mask = np.ones(8, np.float32)
     mask[6:] = 0.                                  # padding
     batches = [(x_in[:4], target[:4], mask[:4]), (x_in[4:], target[4:], mask[4:])]
-    result = train.evaluate(train.make_eval_step(m, hp, strategy), batches)
+    result = train.evaluate(steps.make_eval_step(m, hp, strategy), batches)
     assert result['images'] == 5 and result['nonfinite'] == 1
     # Batch i draws its noise from seed [seed, -1 - i] (fresh per batch).
     per_image = np.concatenate([m.losses_per_image(x, t, seed=tf.constant([hp.seed, -1 - i]))['elbo'].numpy()
@@ -340,8 +341,8 @@ def test_n_updates_in_one_call_equal_n_calls_of_one():
     results = {}
     for calls in ((1, 1, 1, 1), (4,)):
         keras.utils.set_random_seed(0)
-        state = train.create_state(hp, tf.distribute.get_strategy())
-        loop = train.make_train_loop(state, hp, tf.distribute.get_strategy())
+        state = steps.create_state(hp, tf.distribute.get_strategy())
+        loop = steps.make_train_loop(state, hp, tf.distribute.get_strategy())
         it = iter(tf.data.Dataset.from_tensor_slices((x, t)).batch(8))
         outs = [{k: float(v) for k, v in loop(it, tf.constant(n)).items()} for n in calls]
         results[calls] = _snapshot(state), outs

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import hparams
-import train
+import steps
 
 torch = pytest.importorskip('torch')
 
@@ -68,10 +68,10 @@ def _official(initial, gradients, hp):
 def _ours(hp, gradients):
     strategy = tf.distribute.get_strategy()
     keras.utils.set_random_seed(0)
-    state = train.create_state(hp, strategy)
+    state = steps.create_state(hp, strategy)
     variables = state.model.trainable_variables
     assert len(variables) == len(state.model.weights)          # the EMA covers these
-    rule = train.update_rule(state, hp, strategy)
+    rule = steps.update_rule(state, hp, strategy)
     step = tf.function(lambda grads: strategy.run(rule, args=(grads, tf.constant(True))), autograph=False)
     initial = [v.numpy() for v in variables]
     history = []
@@ -89,7 +89,7 @@ def _ours(hp, gradients):
 def runs():
     hp = hparams.load('tiny', **HP)
     keras.utils.set_random_seed(0)
-    shapes = [tuple(v.shape) for v in train.create_state(hp, tf.distribute.get_strategy()).model.trainable_variables]
+    shapes = [tuple(v.shape) for v in steps.create_state(hp, tf.distribute.get_strategy()).model.trainable_variables]
     gradients = _gradients(shapes)
     initial, ours, state = _ours(hp, gradients)
     return hp, gradients, initial, ours, _official(initial, gradients, hp), state
@@ -122,10 +122,10 @@ def test_every_step_matches_the_official_update(runs):
 
 
 def test_keras_own_epsilon_placement_would_not_match(runs, monkeypatch):
-    """Why train.AdamW exists: Keras' AdamW adds epsilon to the uncorrected sqrt(v), and the
+    """Why steps.AdamW exists: Keras' AdamW adds epsilon to the uncorrected sqrt(v), and the
     weights with tiny gradients drift from the official ones by a good part of a step."""
     hp, gradients, _, _, official, _ = runs
-    monkeypatch.setattr(train, 'AdamW', keras.optimizers.AdamW)
+    monkeypatch.setattr(steps, 'AdamW', keras.optimizers.AdamW)
     _, keras_run, _ = _ours(hp, gradients)
     drift = max(_largest_difference(a['weights'], b['weights']) for a, b in zip(keras_run, official))
     assert drift > 0.1 * hp.lr, drift

@@ -13,6 +13,7 @@ import tensorflow as tf
 import hparams
 import model as vdvae
 import sample
+import steps
 import train
 from test_train import _batch, _snapshot
 
@@ -64,8 +65,8 @@ def _train_run(hp, batches, calls, jit_compile):
     import keras
     keras.utils.set_random_seed(0)
     strategy = tf.distribute.get_strategy()
-    state = train.create_state(hp, strategy)
-    loop = train.make_train_loop(state, hp, strategy, jit_compile=jit_compile)
+    state = steps.create_state(hp, strategy)
+    loop = steps.make_train_loop(state, hp, strategy, jit_compile=jit_compile)
     x, t = (np.concatenate(parts) for parts in zip(*batches))
     it = iter(tf.data.Dataset.from_tensor_slices((x, t)).batch(len(batches[0][0])))
     outs = [{k: float(v) for k, v in loop(it, tf.constant(n)).items()} for n in calls]
@@ -108,8 +109,8 @@ def test_eval_steps_compile_as_xla_and_match_the_graph(same_noise, tiny_model):
     x_in, target = _batch(seed=5)
     x_in[1] = np.nan
     mask = np.array([1.] * 6 + [0.] * 2, np.float32)
-    for make in (lambda jit: train.make_eval_step(tiny_model, hp, strategy, jit),
-                 lambda jit: train.make_iw_eval_step(tiny_model, hp, strategy, 4, jit)):
+    for make in (lambda jit: steps.make_eval_step(tiny_model, hp, strategy, jit),
+                 lambda jit: steps.make_iw_eval_step(tiny_model, hp, strategy, 4, jit)):
         plain, xla = ({k: float(v) for k, v in make(jit)(x_in, target, mask, batch=3).items()}
                       for jit in (False, True))
         hlo = make(True).replica_step.experimental_get_compiler_ir(x_in, target, mask, tf.constant(3))(stage='hlo')
@@ -153,8 +154,8 @@ def test_conv_precision_sets_every_convolution_of_the_train_step(precision, full
     marked operand_precision=highest; with 'default', none is."""
     hp, strategy = hparams.load('tiny'), tf.distribute.get_strategy()
     train.set_conv_precision(precision)
-    state = train.create_state(hp, strategy)
-    loop = train.make_train_loop(state, hp, strategy, jit_compile=True)
+    state = steps.create_state(hp, strategy)
+    loop = steps.make_train_loop(state, hp, strategy, jit_compile=True)
     hlo = loop.replica_step.experimental_get_compiler_ir(*_batch())(stage='hlo')
     convs = [l for l in hlo.splitlines() if ' convolution(' in l]
     marked = [l for l in convs if 'operand_precision={highest,highest}' in l]
