@@ -1,16 +1,33 @@
 """Running the project's scripts as a user would, for the tests of their command lines."""
+import atexit
 import os
 import subprocess
 import sys
 
+import forked
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Scripts run as forks of one process that imported them (tests/forked.py): the same main, argv,
+# working folder, streams and exit status as `python script`, without TensorFlow's import
+# (~4 s) per run. bench.py measures its own process (peak memory), so it starts afresh.
+FORKED = ('train.py', 'sample.py', 'convert.py', 'compress.py')
+_servers = {}
 
 
 def run(script, *args, timeout=300, env=None):
     """`python script args...` from the repository root; TF's own logging silenced; `env`: more
-    environment variables."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', **(env or {})))
+    environment variables (a fresh interpreter then)."""
+    argv = [sys.executable, os.path.join(ROOT, script), *args]
+    if script in FORKED and env is None:
+        if script not in _servers:
+            _servers[script] = forked.Script(script)
+            atexit.register(_servers[script].close)
+        code, out, err = _servers[script].run(args, ROOT, timeout=timeout)
+        if code == 'timeout':
+            raise subprocess.TimeoutExpired(argv, timeout, out, err)
+        return subprocess.CompletedProcess(argv, code, out, err)
+    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', **(env or {})))
 
 
 def error_line(r):

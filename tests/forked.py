@@ -1,8 +1,8 @@
 """A script's command line run many times, fast: one process imports the script (and
 TensorFlow) once, then forks a child per command line, which runs `main` as `python script
 args...` would, with its own stdout, stderr, exit status and working directory. The property
-tests of the command lines make hundreds of runs; a fresh interpreter per run would cost
-seconds each.
+tests of the command lines make hundreds of runs, and tests/cli.py runs the scripts this way;
+a fresh interpreter per run would cost seconds each.
 
     python tests/forked.py train.py     # reads one JSON request per line, answers one per line
 """
@@ -10,8 +10,10 @@ import importlib
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -23,13 +25,20 @@ class Script:
 
     def __init__(self, script):
         self.script = script
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), script], cwd=ROOT, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
-        self.flags = json.loads(self.proc.stdout.readline())     # the flags the script defines
+        self.streams = tempfile.mkdtemp(prefix='forked-')           # a run's stdout and stderr
+        with open(os.path.join(self.streams, 'server'), 'w') as log:     # the server's own stderr
+            self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), script], cwd=ROOT, text=True,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+        first = self.proc.stdout.readline()
+        if not first:               # e.g. the script does not import: say why, as `python script` would
+            said = open(os.path.join(self.streams, 'server')).read()[-3000:]
+            shutil.rmtree(self.streams, ignore_errors=True)
+            raise RuntimeError(f'{script} did not start:\n{said}')
+        self.flags = json.loads(first)      # the flags the script defines
 
     def run(self, args, cwd, timeout=30):
-        out, err = os.path.join(cwd, '..', 'stdout'), os.path.join(cwd, '..', 'stderr')
+        out, err = os.path.join(self.streams, 'stdout'), os.path.join(self.streams, 'stderr')
         self.proc.stdin.write(json.dumps(dict(args=list(args), cwd=cwd, out=out, err=err, timeout=timeout)) + '\n')
         self.proc.stdin.flush()
         answer = self.proc.stdout.readline()
@@ -41,6 +50,7 @@ class Script:
     def close(self):
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
+        shutil.rmtree(self.streams, ignore_errors=True)
 
 
 def _child(module, script, request):
