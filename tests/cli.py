@@ -14,19 +14,22 @@ FORKED = ('train.py', 'sample.py', 'convert.py', 'compress.py')
 _servers = {}
 
 
-def run(script, *args, timeout=300, env=None):
-    """`python script args...` from the repository root; TF's own logging silenced; `env`: more
-    environment variables (a fresh interpreter then)."""
+def run(script, *args, timeout=300, env=None, cwd=ROOT, offline=False):
+    """`python script args...` in `cwd` (the repository root); TF's own logging silenced; `env`:
+    more environment variables (a fresh interpreter then); `offline`: with the network cut off
+    as tests/offline.py does."""
     argv = [sys.executable, os.path.join(ROOT, script), *args]
     if script in FORKED and env is None:
-        if script not in _servers:
-            _servers[script] = forked.Script(script)
-            atexit.register(_servers[script].close)
-        code, out, err = _servers[script].run(args, ROOT, timeout=timeout)
+        if (script, offline) not in _servers:
+            server = _servers[script, offline] = forked.Script(script, offline=offline)
+            atexit.register(server.close)
+        code, out, err = _servers[script, offline].run(args, str(cwd), timeout=timeout)
         if code == 'timeout':
             raise subprocess.TimeoutExpired(argv, timeout, out, err)
         return subprocess.CompletedProcess(argv, code, out, err)
-    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+    if offline:
+        argv[1:1] = [os.path.join(ROOT, 'tests', 'offline.py')]
+    return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, timeout=timeout,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', **(env or {})))
 
 

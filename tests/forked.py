@@ -4,7 +4,9 @@ args...` would, with its own stdout, stderr, exit status and working directory. 
 tests of the command lines make hundreds of runs, and tests/cli.py runs the scripts this way;
 a fresh interpreter per run would cost seconds each.
 
-    python tests/forked.py train.py     # reads one JSON request per line, answers one per line
+    python tests/forked.py [--offline] train.py   # one JSON request per line in, one answer out
+
+--offline cuts the network as tests/offline.py does, before the first fork.
 """
 import importlib
 import json
@@ -23,11 +25,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class Script:
     """The client: `Script('train.py').run(args, cwd)` -> (exit status, stdout, stderr)."""
 
-    def __init__(self, script):
+    def __init__(self, script, offline=False):
         self.script = script
         self.streams = tempfile.mkdtemp(prefix='forked-')           # a run's stdout and stderr
         with open(os.path.join(self.streams, 'server'), 'w') as log:     # the server's own stderr
-            self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), script], cwd=ROOT, text=True,
+            self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *['--offline'] * offline, script],
+                                         cwd=ROOT, text=True,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
         first = self.proc.stdout.readline()
@@ -58,6 +61,12 @@ def _child(module, script, request):
     for fd, path in ((1, request['out']), (2, request['err'])):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     sys.argv = [os.path.join(ROOT, script)] + request['args']
+    # What `python script` makes of the script for absl's --help: the main module, whose flags
+    # absl files under sys.argv[0] (imported, they are under the module's name).
+    sys.modules['__main__'] = module
+    from absl import flags
+    for flag in flags.FLAGS.get_key_flags_for_module(module.__name__):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     import hparams
     try:
         hparams.run(module.main)
@@ -74,7 +83,10 @@ def _child(module, script, request):
     os._exit(code)
 
 
-def serve(script):
+def serve(script, offline=False):
+    if offline:
+        from offline import cut_network
+        cut_network()
     sys.path.insert(0, ROOT)
     module = importlib.import_module(os.path.splitext(script)[0])
     module.define_flags()
@@ -103,4 +115,4 @@ def serve(script):
 
 
 if __name__ == '__main__':
-    serve(sys.argv[1])
+    serve(sys.argv[-1], offline='--offline' in sys.argv[1:-1])

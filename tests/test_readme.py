@@ -1,5 +1,7 @@
 """The README cannot rot: every command it shows runs here, as a user would type it, in a fresh
-folder and with the network cut off (tests/offline.py); the installs run in .ci/run.
+folder and with the network cut off (tests/offline.py); the installs run in .ci/run. (train.py,
+sample.py, convert.py and compress.py run as forks of a process that imported them once, with
+the same argv, folder and streams: tests/cli.py.)
 
 Where the real run takes hours or needs what this machine lacks, the plan below says exactly
 what changes, and nothing else does: a budget appended (steps, images), a value the user
@@ -12,8 +14,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 from typing import NamedTuple
 
 import pytest
@@ -176,9 +176,7 @@ def run(command, folder):
     plan, line = PLANS[command], as_run_here(command)
     argv = shlex.split(line) + list(plan.extra)
     assert argv[0] == 'python' and argv[1] in SCRIPTS, command
-    r = subprocess.run([sys.executable, os.path.join(cli.ROOT, 'tests', 'offline.py'),
-                        os.path.join(cli.ROOT, argv[1]), *argv[2:]], cwd=folder, capture_output=True,
-                       text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    r = cli.run(argv[1], *argv[2:], cwd=folder, offline=True, timeout=600)
     if plan.error:
         assert re.search(plan.error, cli.error_line(r)), r.stderr[-2000:]
     else:
