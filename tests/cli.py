@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Scripts run as forks of one process that imported them (tests/forked.py): the same main, argv,
 # working folder, streams and exit status as `python script`, without TensorFlow's import
 # (~4 s) per run. bench.py measures its own process (peak memory), so it starts afresh.
-FORKED = ('train.py', 'sample.py', 'convert.py', 'compress.py')
+FORKED = ('train.py', 'sample.py', 'convert.py', 'compress.py', 'tests/storm.py')
 _servers = {}
 
 

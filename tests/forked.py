@@ -88,7 +88,7 @@ def serve(script, offline=False):
         from offline import cut_network
         cut_network()
     sys.path.insert(0, ROOT)
-    module = importlib.import_module(os.path.splitext(script)[0])
+    module = importlib.import_module(os.path.splitext(os.path.basename(script))[0])     # tests/ is on the path
     module.define_flags()
     from absl import flags
     ours = {module.__name__, 'hparams'}

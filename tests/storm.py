@@ -8,29 +8,33 @@ Steps count from 0 (the update that brings the run to step N is step N-1). `huge
 the gradient by 1e9 and leaves the loss as it is; `nan` makes the loss NaN. The fault is
 injected in the model's loss, inside the traced train step, so everything after it (the
 all-reduce, the skip, the stall guard, the saves) is train.py's own."""
-import argparse
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from absl import flags
+import tensorflow as tf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hparams  # noqa: E402
+import model  # noqa: E402
+import train  # noqa: E402
+
+FLAGS = flags.FLAGS
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--storm', required=True)
-    parser.add_argument('--kind', choices=['nan', 'huge'], required=True)
-    parser.add_argument('--replica', type=int, default=None, help='only this replica (default: both)')
-    args, rest = parser.parse_known_args()
-    first, last = (int(s) for s in args.storm.split(':'))
+def define_flags():
+    """train.py's flags and the storm's."""
+    train.define_flags()
+    flags.DEFINE_string('storm', None, 'FIRST:LAST: the steps hit (from 0)', required=True)
+    flags.DEFINE_enum('kind', None, ['nan', 'huge'], 'nan: the loss; huge: 1e9 times the gradient', required=True)
+    flags.DEFINE_integer('replica', None, 'only this replica (default: both)')
 
-    sys.path.insert(0, ROOT)
-    import tensorflow as tf
+
+def main(argv):
+    first, last = (int(s) for s in FLAGS.storm.split(':'))
+    kind, replica = FLAGS.kind, FLAGS.replica
     tf.config.set_logical_device_configuration(
         tf.config.list_physical_devices('CPU')[0], [tf.config.LogicalDeviceConfiguration()] * 2)
-    import hparams
-    import model
-    import train
-
     losses_per_image = model.VDVAE.losses_per_image
 
     def stormy(self, x_in, target, seed=None, noise_rows=None):
@@ -39,12 +43,12 @@ def main():
             return out
         step = tf.cast(seed[1], tf.int64)   # evaluation's seeds are negative: never in the storm
         hit = (step >= first) & (step <= last)
-        if args.replica is not None:        # the replica's first row in the global batch
-            hit &= tf.equal(noise_rows[0] // tf.shape(x_in)[0], args.replica)
+        if replica is not None:             # the replica's first row in the global batch
+            hit &= tf.equal(noise_rows[0] // tf.shape(x_in)[0], replica)
         elbo = out['elbo']
         # Factors, not tf.where(hit, bad, elbo): the branch not taken would still send its NaN
         # into the gradient.
-        if args.kind == 'nan':
+        if kind == 'nan':
             out['elbo'] = elbo * tf.where(hit, float('nan'), 1.)
         else:                               # the same value, 1e9 times the gradient
             out['elbo'] = elbo + tf.where(hit, 1e9 - 1., 0.) * (elbo - tf.stop_gradient(elbo))
@@ -53,10 +57,9 @@ def main():
     model.VDVAE.losses_per_image = stormy
     two = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
     train.make_strategy = lambda *a, **k: two
-    sys.argv = [os.path.join(ROOT, 'train.py'), *rest]
-    train.define_flags()          # what `python train.py` does, on the patched module
-    hparams.run(train.main)
+    train.main(argv)
 
 
 if __name__ == '__main__':
-    main()
+    define_flags()
+    hparams.run(main)
