@@ -262,8 +262,21 @@ def add(*terms):
 
 
 def conv(x, kernel, bias=None):
-    y = tf.nn.conv2d(x, kernel, 1, 'SAME')
+    y = _pointwise(x, kernel) if _as_matmul(x, kernel) else tf.nn.conv2d(x, kernel, 1, 'SAME')
     return y if bias is None else tf.nn.bias_add(y, bias)
+
+
+def _as_matmul(x, kernel):
+    # A float32 1x1 conv as one matrix product, forward and for its input's gradient: the
+    # cifar10 train step (batch 8) ran 1.16, 1.16 img/s against 1.04, 0.96 as convs on an AMD
+    # EPYC, evaluation and sampling alike. In bfloat16 oneDNN's conv was as fast or faster.
+    return kernel.shape[:2] == (1, 1) and x.dtype == tf.float32
+
+
+def _pointwise(x, kernel):
+    shape = tf.shape(x)
+    y = tf.matmul(tf.reshape(x, (-1, x.shape[-1])), tf.reshape(kernel, kernel.shape[2:]))
+    return tf.reshape(y, tf.concat([shape[:-1], kernel.shape[-1:]], 0))
 
 
 def _conv_gradients(x, kernel, dy):
@@ -276,8 +289,11 @@ def _conv_gradients(x, kernel, dy):
     else:
         d_kernel = tf.raw_ops.Conv2DBackpropFilter(
             input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=[1, 1, 1, 1], padding='SAME')
-    d_x = tf.raw_ops.Conv2DBackpropInput(
-        input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=[1, 1, 1, 1], padding='SAME')
+    if _as_matmul(x, kernel):
+        d_x = _pointwise(dy, tf.transpose(kernel, (0, 1, 3, 2)))
+    else:
+        d_x = tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=[1, 1, 1, 1], padding='SAME')
     return d_kernel, d_x
 
 
