@@ -220,7 +220,7 @@ def validate(hp):
 def load(name, **overrides):
     """A validated preset with some fields changed, e.g. load('cifar10', width=128)."""
     if name not in PRESETS:
-        raise HParamsError(f'unknown preset {name!r}; choose one of: {", ".join(PRESETS)}')
+        raise HParamsError(_unknown_preset(name))
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(HParams)})
     if unknown:
         raise HParamsError(f'unknown hyperparameter(s) {", ".join(unknown)}; valid: '
@@ -300,8 +300,14 @@ def _typename(field):
     return field.type if isinstance(field.type, str) else field.type.__name__
 
 
+def _unknown_preset(name):
+    return f'unknown preset {name!r}; choose one of: {", ".join(PRESETS)}'
+
+
 def from_flags(flag_values=None):
     fv = flag_values or flags.FLAGS
+    if fv.hparams not in PRESETS:       # named by its flag, as the other flags' errors are
+        raise HParamsError(f'--hparams: {_unknown_preset(fv.hparams)}')
     overrides = {f.name: fv[f.name].value for f in dataclasses.fields(HParams)
                  if fv[f.name].value is not None}
     return load(fv.hparams, **overrides)
