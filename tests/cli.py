@@ -20,10 +20,7 @@ def run(script, *args, timeout=300, env=None, cwd=ROOT, offline=False):
     as tests/offline.py does."""
     argv = [sys.executable, os.path.join(ROOT, script), *args]
     if script in FORKED and env is None:
-        if (script, offline) not in _servers:
-            server = _servers[script, offline] = forked.Script(script, offline=offline)
-            atexit.register(server.close)
-        code, out, err = _servers[script, offline].run(args, str(cwd), timeout=timeout)
+        code, out, err = server(script, offline).run(args, str(cwd), timeout=timeout)
         if code == 'timeout':
             raise subprocess.TimeoutExpired(argv, timeout, out, err)
         return subprocess.CompletedProcess(argv, code, out, err)
@@ -31,6 +28,14 @@ def run(script, *args, timeout=300, env=None, cwd=ROOT, offline=False):
         argv[1:1] = [os.path.join(ROOT, 'tests', 'offline.py')]
     return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, timeout=timeout,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', **(env or {})))
+
+
+def server(script, offline=False):
+    """This test process's fork server of `script` (tests/forked.py), started on first use."""
+    if (script, offline) not in _servers:
+        started = _servers[script, offline] = forked.Script(script, offline=offline)
+        atexit.register(started.close)
+    return _servers[script, offline]
 
 
 def error_line(r):

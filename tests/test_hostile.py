@@ -22,7 +22,6 @@ import pytest
 
 import cli
 import data
-import forked
 import hparams
 
 # No shrinking: a value that is wrongly accepted may train until the timeout, and shrinking
@@ -151,18 +150,6 @@ def folder(tmp_path_factory):
     return str(work)
 
 
-@pytest.fixture(scope='module')
-def servers():
-    started = {}
-    def server(script):
-        if script not in started:
-            started[script] = forked.Script(script)
-        return started[script]
-    yield server
-    for s in started.values():
-        s.close()
-
-
 def _snapshot(folder):
     found = {}
     for d, dirs, files in os.walk(folder):
@@ -188,14 +175,14 @@ def _refused(server, folder, args, flag, value):
 
 
 @pytest.mark.parametrize('command,flag', CASES, ids=[f'{c} --{f}' for c, f in CASES])
-def test_an_invalid_flag_is_one_error_line_and_writes_nothing(servers, folder, command, flag):
+def test_an_invalid_flag_is_one_error_line_and_writes_nothing(folder, command, flag):
     script, base, table = COMMANDS[command]
 
     @SETTINGS
     @given(table[flag])
     def check(value):
         args = [a for a in base if not a.startswith(f'--{flag}=')] + [f'--{flag}={value}']
-        _refused(servers(script), folder, args, flag, value)
+        _refused(cli.server(script), folder, args, flag, value)
     try:
         check()
     finally:        # what a wrongly accepted value wrote would fail every later case
@@ -205,11 +192,11 @@ def test_an_invalid_flag_is_one_error_line_and_writes_nothing(servers, folder, c
                 os.remove(os.path.join(folder, name))
 
 
-def test_every_flag_of_every_script_is_covered(servers):
+def test_every_flag_of_every_script_is_covered():
     """The tables above name every flag the scripts define (absl's own flags aside)."""
     for script in ('train.py', 'sample.py', 'convert.py'):
         covered = {f for _, (s, _, table) in COMMANDS.items() if s == script for f in table}
-        assert set(servers(script).flags) == covered, (script, set(servers(script).flags) ^ covered)
+        assert set(cli.server(script).flags) == covered, (script, set(cli.server(script).flags) ^ covered)
 
 
 # ---------------------------------------------------------------------------------------
