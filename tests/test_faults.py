@@ -8,7 +8,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -143,10 +142,8 @@ def test_a_signal_saves_and_stops_and_the_same_command_resumes_exactly(straight3
     saves, says so in one line and exits 0; the same command resumes to the weights of an
     uninterrupted run."""
     logdir = str(tmp_path / 'run')
-    args = [sys.executable, os.path.join(cli.ROOT, 'train.py'), *RUN, f'--logdir={logdir}', '--steps=30',
-            '--save_every=100', '--log_every=1']
-    proc = subprocess.Popen(args, cwd=cli.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    args = [*RUN, f'--logdir={logdir}', '--steps=30', '--save_every=100', '--log_every=1']
+    proc = cli.start('train.py', *args)
     # Wait for the first log line (training is under way), then signal.
     t0 = time.time()
     while not os.path.exists(f'{logdir}/log.jsonl') or not open(f'{logdir}/log.jsonl').read():
@@ -159,7 +156,7 @@ def test_a_signal_saves_and_stops_and_the_same_command_resumes_exactly(straight3
     assert len(stopped) == 1 and signal.Signals(sig).name in stopped[0], out
     step = int(stopped[0].split('stopped at step ')[1].split()[0])
     assert 1 <= step < 30 and os.path.isfile(f'{logdir}/ckpt/ckpt-{step}.index')
-    r = cli.run('train.py', *args[2:], timeout=600)
+    r = cli.run('train.py', *args, timeout=600)
     assert r.returncode == 0 and f'at step {step}' in r.stdout, r.stderr[-2000:]
     assert_same_state(f'{straight30}/ckpt/ckpt-30', f'{logdir}/ckpt/ckpt-30')
 
@@ -171,14 +168,11 @@ def test_under_multi_worker_training_a_signal_to_one_worker_stops_both_at_one_st
     from test_train import _free_port
     workers = [f'127.0.0.1:{_free_port()}', f'127.0.0.1:{_free_port()}']
     logdir = str(tmp_path / 'run')
-    args = [sys.executable, os.path.join(cli.ROOT, 'train.py'), *RUN, '--batch_size=4', '--strategy=multiworker',
-            f'--logdir={logdir}', '--steps=20', '--save_every=100']
+    args = [*RUN, '--batch_size=4', '--strategy=multiworker', f'--logdir={logdir}', '--steps=20', '--save_every=100']
 
     def start():
-        return [subprocess.Popen(args, cwd=cli.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', TF_CONFIG=json.dumps(
-                                     {'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': i}})))
-                for i in range(2)]
+        return [cli.start('train.py', *args, env=dict(TF_CONFIG=json.dumps(
+            {'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': i}}))) for i in range(2)]
 
     procs, t0 = start(), time.time()
     while not os.path.exists(f'{logdir}/log.jsonl') or not open(f'{logdir}/log.jsonl').read():
@@ -233,29 +227,27 @@ def test_kill_9_at_random_moments_loses_no_save_and_ends_bit_identical(straight3
     moments = ['start-up'] + ['update'] * 2 + ['save'] * 2 + ['evaluation']
     rng.shuffle(moments)
     logdir = str(tmp_path / 'run')
-    args = [sys.executable, os.path.join(cli.ROOT, 'train.py'), *RUN, f'--logdir={logdir}', *KILL_RUN]
     killed, last_saved, resumed = [], 0, []
     for attempt in range(len(moments) + 1):
         out_path = str(tmp_path / f'out{attempt}.txt')
-        with open(out_path, 'w') as out:
-            proc = subprocess.Popen(args, cwd=cli.ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONUNBUFFERED='1'))
-            moment = moments[attempt] if attempt < len(moments) else None
-            if moment == 'start-up':
-                time.sleep(rng.uniform(1., 8.))
-            elif moment == 'update':
-                _wait_for_step(out_path, proc, lambda n: True)
-                time.sleep(rng.uniform(0., 1.))
-            elif moment == 'save':
-                _wait_for_step(out_path, proc, lambda n: n % 3 == 0 and n % 10)
-                time.sleep(rng.uniform(0., 0.2))       # a save of the tiny model takes ~0.1 s
-            elif moment == 'evaluation':
-                _wait_for_step(out_path, proc, lambda n: n % 10 == 0)
-                time.sleep(rng.uniform(0.3, 2.))
-            if moment and proc.poll() is None:
-                proc.kill()                                      # SIGKILL
-                killed.append(moment)
-            proc.wait(timeout=600)
+        proc = cli.start('train.py', *RUN, f'--logdir={logdir}', *KILL_RUN, env=dict(PYTHONUNBUFFERED='1'),
+                         output=out_path)
+        moment = moments[attempt] if attempt < len(moments) else None
+        if moment == 'start-up':
+            time.sleep(rng.uniform(.5, 3.))         # the first step comes ~7 s after the fork here
+        elif moment == 'update':
+            _wait_for_step(out_path, proc, lambda n: True)
+            time.sleep(rng.uniform(0., 1.))
+        elif moment == 'save':
+            _wait_for_step(out_path, proc, lambda n: n % 3 == 0 and n % 10)
+            time.sleep(rng.uniform(0., 0.2))       # a save of the tiny model takes ~0.1 s
+        elif moment == 'evaluation':
+            _wait_for_step(out_path, proc, lambda n: n % 10 == 0)
+            time.sleep(rng.uniform(0.3, 2.))
+        if moment and proc.poll() is None:
+            proc.kill()                                      # SIGKILL
+            killed.append(moment)
+        proc.wait(timeout=600)
         text = open(out_path).read()
         m = re.search(r'resumed from \S*ckpt-(\d+) at step (\d+)', text)
         if m:
