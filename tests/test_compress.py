@@ -13,6 +13,7 @@ import compress
 from conftest import fit
 import data
 import hparams
+import likelihood
 import model as vdvae
 import steps
 import train
@@ -62,7 +63,7 @@ def test_pixel_tables_are_the_likelihood_of_each_colour_given_the_earlier_ones(t
     flat = images.reshape(-1, 3)
     rows = np.arange(len(flat))
     log_p = sum(np.log(pixels.table(c, flat, rows)[rows, flat[:, c]]) for c in range(3))
-    expected = vdvae.dmol_log_probs(params, target).numpy().ravel()
+    expected = likelihood.dmol_log_probs(params, target).numpy().ravel()
     # The likelihood works in float32 and approximates bins under 1e-5 by their density.
     np.testing.assert_allclose(np.exp(log_p), np.exp(expected), atol=1e-4)
     assert log_p.sum() == pytest.approx(expected.sum(), rel=1e-3)

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import likelihood
 import model
 
 
 def test_dmol_nll_and_kl_match_the_official_implementation(official_data):
     g = np.load(os.path.join(official_data, 'golden_dmol_kl.npz'))
     for bits, low_bit in (('8bit', False), ('5bit', True)):
-        nll = model.dmol_nll(g[f'params_{bits}'], g[f'target_{bits}'], low_bit=low_bit).numpy()
+        nll = likelihood.dmol_nll(g[f'params_{bits}'], g[f'target_{bits}'], low_bit=low_bit).numpy()
         np.testing.assert_allclose(nll, g[f'nll_{bits}'], rtol=1e-5)
     kl = model.gaussian_kl(g['kl_q_mean'], g['kl_q_logsigma'], g['kl_p_mean'], g['kl_p_logsigma'])
     np.testing.assert_allclose(kl.numpy(), g['kl'], rtol=1e-5, atol=1e-7)
@@ -72,7 +73,7 @@ def test_dmol_nll_equals_a_slow_per_pixel_computation(low_bit):
     target = (values * 2. / (levels - 1) - 1.).astype(np.float32)
     slow = np.array([-sum(_slow_log_prob(params[i, y, x], target[i, y, x], low_bit)
                           for y in range(h) for x in range(w)) / (h * w * 3) for i in range(b)])
-    fast = model.dmol_nll(params, target, low_bit=low_bit).numpy()
+    fast = likelihood.dmol_nll(params, target, low_bit=low_bit).numpy()
     np.testing.assert_allclose(fast, slow, rtol=1e-5)
 
 
@@ -90,7 +91,7 @@ def test_probabilities_of_all_pixel_values_sum_to_one(levels):
     @tf.function
     def log_probs_given_red(params, red):
         target = tf.stack([tf.fill(g.shape, red), g, b], -1)[None]
-        return model.dmol_log_probs(tf.broadcast_to(params, (1,) + g.shape + (30,)), target,
+        return likelihood.dmol_log_probs(tf.broadcast_to(params, (1,) + g.shape + (30,)), target,
                                     low_bit=levels == 32)
 
     for trial in range(3):
@@ -177,6 +178,6 @@ def test_dmol_gradients_stay_finite_for_confident_components_far_from_the_data()
     for low_bit in (False, True):
         with tf.GradientTape() as tape:
             tape.watch(params)
-            nll = tf.reduce_sum(model.dmol_nll(params, target, low_bit=low_bit))
+            nll = tf.reduce_sum(likelihood.dmol_nll(params, target, low_bit=low_bit))
         grad = tape.gradient(nll, params).numpy()
         assert np.isfinite(nll.numpy()) and np.all(np.isfinite(grad)), low_bit
