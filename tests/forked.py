@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -102,7 +103,7 @@ class Child:
             os.kill(self.pid, sig)
 
     def kill(self):
-        self.send_signal(9)
+        self.send_signal(signal.SIGKILL)
 
     def communicate(self, timeout=None):
         """(stdout, stderr) once the child has exited; its stream files are then removed."""
@@ -168,8 +169,7 @@ def serve(script, offline=False):
         cut_network()
     sys.path.insert(0, ROOT)
     module = importlib.import_module(os.path.splitext(os.path.basename(script))[0])     # tests/ is on the path
-    if hasattr(module, 'define_flags'):     # bench.py defines its flags on import
-        module.define_flags()
+    module.define_flags()
     from absl import flags
     ours = {module.__name__, 'hparams'}
     print(json.dumps(sorted(f.name for name, defined in flags.FLAGS.flags_by_module_dict().items()
