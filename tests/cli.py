@@ -40,17 +40,12 @@ def run(script, *args, timeout=300, env=None, cwd=ROOT, offline=False):
 
 
 def start(script, *args, env=None, output=None):
-    """`python script args...` started in the repository root and left running: a
-    subprocess.Popen, or for a forked script a forked.Child with the same poll, wait,
-    send_signal, kill and communicate. `output`: a file both streams go to (else communicate
-    returns them)."""
-    if _forks(script, env):
-        return server(script).start(args, ROOT, env=env, output=output)
-    with open(output or os.devnull, 'w') as f:
-        streams = dict(stdout=f, stderr=subprocess.STDOUT) if output else dict(stdout=subprocess.PIPE,
-                                                                                stderr=subprocess.PIPE)
-        return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, text=True,
-                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', **(env or {})), **streams)
+    """`python script args...` started as a fork in the repository root and left running: a
+    forked.Child, with subprocess.Popen's poll, wait, send_signal, kill and communicate.
+    `output`: a file both streams go to (else communicate returns them)."""
+    if not _forks(script, env):     # no test needs it: a fresh interpreter is subprocess.Popen's
+        raise ValueError(f'{script} with {sorted(env or ())} cannot run as a fork')
+    return server(script).start(args, ROOT, env=env, output=output)
 
 
 def server(script, offline=False):
