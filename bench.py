@@ -6,6 +6,7 @@ evaluation step and sample.py's sampler, against this machine's bare-convolution
     python bench.py --presets=imagenet64 --batch=4 --paths=train --remat   # memory for compute
     python bench.py --presets=cifar10 --layout=naive     # the baseline it is compared with
     python bench.py --presets=cifar10 --xla              # each path as one XLA program
+    python bench.py --presets=cifar10 --profile=prof     # where each path's op time goes
 
 The train step is train.py's own (make_train_step: fwd, bwd, all-reduce, clip, skip, the
 official AdamW, EMA), on random data (the model's cost does not depend on the pixels).
@@ -27,6 +28,8 @@ mnist5k digits for 2,000 steps and prints the validation bits/dim of the raw and
 weights every 500 steps, beside the official code's for the same configuration; --compress
 measures compress.py's files (bench_quality.py holds both).
 """
+import collections
+import glob
 import json
 import os
 import resource
@@ -65,6 +68,9 @@ flags.DEFINE_enum('layout', 'stacked', ['stacked', 'naive'],
                   'conv kernel and bias, TF-op GELU with autodiff and no per-block functions')
 flags.DEFINE_boolean('jit_compile', False, 'compile each timed path as one XLA program (as a TPU does)')
 flags.DEFINE_alias('xla', 'jit_compile')
+flags.DEFINE_string('profile', None, 'a folder: TensorFlow\'s profile of one more call of each timed path '
+                    'goes to FOLDER/PRESET-PATH, summarised in one line (where the op time went) and '
+                    'shown by TensorBoard\'s profile tab; the peak memory then includes the profiler\'s')
 flags.DEFINE_boolean('data', False, 'also time the input pipeline alone (images/s)')
 flags.DEFINE_float('data_seconds', 3., 'seconds to time each input pipeline for')
 flags.DEFINE_boolean('learn', False, 'instead of speed: train the learning-check configuration on '
@@ -116,9 +122,10 @@ def random_batch(hp, batch):
             tf.constant(rng.integers(0, 256, size=shape) / 127.5 - 1., tf.float32))
 
 
-def timed(run, repeats):
+def timed(run, repeats, profile=None):
     """Seconds of the first call of `run` (trace, graph optimisation, run) and the median of
-    `repeats` more."""
+    `repeats` more. `profile`: a folder for TensorFlow's profile of one call more, made after
+    the timed ones so that the profiler's cost stays out of the times."""
     t0 = time.time()
     run()
     first = time.time() - t0
@@ -127,10 +134,16 @@ def timed(run, repeats):
         t0 = time.time()
         run()
         times.append(time.time() - t0)
+    if profile:
+        tf.profiler.experimental.start(profile)
+        try:
+            run()
+        finally:
+            tf.profiler.experimental.stop()
     return first, float(np.median(times))
 
 
-def bench_train_step(hp, batch, repeats, remat=False, jit_compile=False):
+def bench_train_step(hp, batch, repeats, remat=False, jit_compile=False, profile=None):
     """train.py's own step (the update rule: clip, skip, EMA, the official AdamW). Memory: the
     resident size once the model and optimizer are built, and the process's peak after training."""
     strategy = tf.distribute.get_strategy()
@@ -143,25 +156,25 @@ def bench_train_step(hp, batch, repeats, remat=False, jit_compile=False):
     t0 = time.time()
     step.get_concrete_function(x_in, target)
     trace = time.time() - t0
-    first, steady = timed(lambda: float(step(x_in, target)['elbo']), repeats)
+    first, steady = timed(lambda: float(step(x_in, target)['elbo']), repeats, profile)
     return state.model, dict(variables=len(state.model.trainable_variables), build=build, trace=trace,
                              first=trace + first, step=steady, img_s=batch / steady, resident_gb=resident,
                              peak_gb=peak_rss_gb())
 
 
-def bench_eval(model, hp, batch, repeats, jit_compile=False):
+def bench_eval(model, hp, batch, repeats, jit_compile=False, profile=None):
     """train.py's evaluation step (the negative ELBO of a batch, noise seeded per batch)."""
     step = steps.make_eval_step(model, hp, tf.distribute.get_strategy(), jit_compile)
     x_in, target = random_batch(hp, batch)
     mask = tf.ones([batch])
-    first, steady = timed(lambda: float(step(x_in, target, mask)['elbo']), repeats)
+    first, steady = timed(lambda: float(step(x_in, target, mask)['elbo']), repeats, profile)
     return dict(first=first, step=steady, img_s=batch / steady, peak_gb=peak_rss_gb())
 
 
-def bench_sampling(model, batch, repeats, jit_compile=False):
+def bench_sampling(model, batch, repeats, jit_compile=False, profile=None):
     """sample.py's sampler at temperature 0.85."""
     sampler = sample.make_sampler(model, jit_compile)
-    first, steady = timed(lambda: sampler(batch, 0.85, [0, 0]).numpy(), repeats)
+    first, steady = timed(lambda: sampler(batch, 0.85, [0, 0]).numpy(), repeats, profile)
     return dict(first=first, step=steady, img_s=batch / steady, peak_gb=peak_rss_gb())
 
 
@@ -235,6 +248,41 @@ def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def profile_summary(folder):
+    """Where a profiled call's CPU time went: (share per kind, share per op type), from
+    TensorFlow's trace (the newest .xplane.pb under `folder`). Kinds: the convolutions
+    and matrix products, XLA's kernels (fastgraph's GELU and adds), every other TensorFlow op.
+    Time is summed over the threads that run ops, so two ops at once count twice. None where
+    the trace has an accelerator's plane (its kernels run there, not in these ops), or where
+    this TensorFlow does not ship the trace's format."""
+    try:
+        from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    except ImportError:
+        return None
+    files = sorted(glob.glob(os.path.join(folder, '**', '*.xplane.pb'), recursive=True), key=os.path.getmtime)
+    space = xplane_pb2.XSpace()
+    with open(files[-1], 'rb') as f:
+        space.ParseFromString(f.read())
+    if any(plane.name.startswith('/device:') for plane in space.planes):
+        return None
+    by_type, by_kind = collections.Counter(), collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            for event in line.events:
+                meta = plane.event_metadata[event.metadata_id]
+                if meta.name == 'CpuExecutable::ExecuteAsyncOnStream':
+                    kind, op = 'XLA kernels', 'XLA'
+                elif meta.display_name and 'PartitionedCall' not in meta.display_name:   # a TensorFlow op
+                    op = meta.display_name
+                    kind = 'convolutions and matrix products' if 'Conv' in op or 'MatMul' in op else 'other ops'
+                else:
+                    continue
+                by_kind[kind] += event.duration_ps
+                by_type[op] += event.duration_ps
+    total = sum(by_kind.values()) or 1
+    return ({k: v / total for k, v in by_kind.most_common()}, {k: v / total for k, v in by_type.most_common()})
+
+
 def bench_data(hp, seconds):
     """Images/s data.train_dataset delivers, after a warm-up that fills the shuffle buffer."""
     batches = iter(data.train_dataset(hp))
@@ -278,6 +326,8 @@ def main(_):
     if set(paths) - {'train', 'eval', 'sample'} or not paths:
         hparams.fail(f'--paths={",".join(FLAGS.paths)}: choose from train, eval, sample')
     hparams.at_least(batch=1, eval_batch=1, steps=1)
+    if FLAGS.profile is not None and (not FLAGS.profile or os.path.isfile(FLAGS.profile)):
+        hparams.fail(f'--profile={FLAGS.profile}: give a folder for the profiles (it is made if missing)')
     presets = {name: hparams.exit_on_error(hparams.load, name) for name in FLAGS.presets}
     pipeline = bench_pipelines(FLAGS.batch, FLAGS.data_seconds) if FLAGS.data else None
     if not FLAGS.grappler:
@@ -313,12 +363,13 @@ def main(_):
         model = None
         for path in paths:
             batch = FLAGS.batch if path == 'train' else FLAGS.eval_batch
+            profile = os.path.join(FLAGS.profile, f'{name}-{path}') if FLAGS.profile else None
             if path == 'train':
-                model, r = bench_train_step(hp, batch, FLAGS.steps, FLAGS.remat, FLAGS.jit_compile)
+                model, r = bench_train_step(hp, batch, FLAGS.steps, FLAGS.remat, FLAGS.jit_compile, profile)
             else:
                 model = model or vdvae.VDVAE(hp)
-                r = (bench_eval(model, hp, batch, FLAGS.steps, FLAGS.jit_compile) if path == 'eval'
-                     else bench_sampling(model, batch, FLAGS.steps, FLAGS.jit_compile))
+                r = (bench_eval(model, hp, batch, FLAGS.steps, FLAGS.jit_compile, profile) if path == 'eval'
+                     else bench_sampling(model, batch, FLAGS.steps, FLAGS.jit_compile, profile))
             r.update(preset=name, path=path, batch=batch, params=vdvae.count_params(model),
                      gflops=conv_flops(model, batch, path) / r['step'] / 1e9)
             r['of_conv'] = r['gflops'] / ceiling if ceiling else None
@@ -327,6 +378,12 @@ def main(_):
                   f'{r["img_s"]:>6.2f} {r["gflops"]:>8.0f} {format(r["of_conv"], ".0%") if ceiling else "-":>7} '
                   f'{format(r["resident_gb"], ".2f") if "resident_gb" in r else "-":>8} {r["peak_gb"]:>7.2f}',
                   flush=True)
+            if profile:
+                summary = profile_summary(profile)
+                if summary:
+                    r['profile'] = summary[0]
+                    print(f'{"":<11} op time: ' + ', '.join(f'{v:.0%} {k}' for k, v in summary[0].items())
+                          + '; most: ' + ', '.join(f'{k} {v:.0%}' for k, v in list(summary[1].items())[:4]), flush=True)
             if path == 'train' and pipeline and hp.image_size == 32:
                 rate = pipeline['cifar10-shaped npy']
                 print(f'{"":<11} the cifar10-shaped input pipeline delivers {rate:,.0f} images/s, '
@@ -334,6 +391,9 @@ def main(_):
     print('first s: the first call (trace, graph optimisation, run; train: from the built model). model GB: '
           'resident once the model and optimizer are built; peak GB: the process\'s peak so far (one preset per '
           'run to compare memory)')
+    if FLAGS.profile:
+        print(f'profiles of one call of each path: {FLAGS.profile}/PRESET-PATH (TensorBoard\'s profile tab shows them: '
+              f'pip install tensorboard-plugin-profile && tensorboard --logdir={FLAGS.profile})')
     print(json.dumps(dict(machine=machine, settings=settings, rows=rows)))
 
 

@@ -1,5 +1,6 @@
 """bench.py: its conv count is the model's, and its speed run works end to end (no test
 asserts a time)."""
+import glob
 import json
 
 import keras
@@ -42,9 +43,9 @@ def test_conv_flops_count_every_convolution_the_model_runs(unpool, monkeypatch):
     assert bench.conv_flops(m, 3, 'train') == 3 * posterior
 
 
-def test_bench_runs_train_eval_and_sampling_with_remat_and_says_so_in_one_json_line():
+def test_bench_runs_train_eval_and_sampling_with_remat_and_says_so_in_one_json_line(tmp_path):
     r = cli.run('bench.py', '--presets=tiny', '--steps=1', '--batch=2', '--eval_batch=2', '--remat',
-                '--ceiling=false', timeout=600)
+                '--ceiling=false', f'--profile={tmp_path}/prof', timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report['settings']['remat'] is True and report['settings']['precision'] == 'float32'
@@ -56,7 +57,18 @@ def test_bench_runs_train_eval_and_sampling_with_remat_and_says_so_in_one_json_l
     assert set(report['machine']['bf16_units']) <= {'avx512_bf16', 'amx_bf16'}
     table = r.stdout.splitlines()
     assert sum(1 for line in table if line.startswith('tiny ')) == 3
+    # --profile: one trace per path, and where its op time went (shares of the ops the trace holds)
+    for row in report['rows']:
+        assert glob.glob(f'{tmp_path}/prof/tiny-{row["path"]}/**/*.xplane.pb', recursive=True), row['path']
+        assert set(row['profile']) <= {'convolutions and matrix products', 'XLA kernels', 'other ops'}
+        assert row['profile']['convolutions and matrix products'] > 0 and row['profile']['XLA kernels'] > 0
+        assert abs(sum(row['profile'].values()) - 1) < 1e-9
+    assert sum(1 for line in table if 'op time: ' in line and '% convolutions and matrix products' in line) == 3
 
 
-def test_bench_refuses_unknown_paths_in_one_line():
+def test_bench_refuses_unknown_paths_and_a_file_for_profiles_in_one_line(tmp_path):
     assert '--paths=train,fly' in cli.error_line(cli.run('bench.py', '--presets=tiny', '--paths=train,fly'))
+    (tmp_path / 'notes.txt').write_text('mine')
+    r = cli.run('bench.py', '--presets=tiny', f'--profile={tmp_path}/notes.txt')
+    assert 'give a folder for the profiles' in cli.error_line(r)
+    assert (tmp_path / 'notes.txt').read_text() == 'mine'
