@@ -12,6 +12,7 @@ from PIL import Image
 
 import data
 import hparams
+import tfds_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,11 +163,11 @@ SKLEARN_10_5 = ([0, 3, 8, 7, 1], [6, 2, 9, 4, 5])     # (valid, train) of 10 ima
 
 def test_the_cifar10_held_out_positions_are_scikit_learns():
     import hashlib
-    valid, train = data.cifar10_held_out(50000, data.HELD_OUT['cifar10'])
+    valid, train = tfds_source.cifar10_held_out(50000, data.HELD_OUT['cifar10'])
     assert list(valid[:8]) == SKLEARN_CIFAR10['valid_first'] and list(train[:8]) == SKLEARN_CIFAR10['train_first']
     assert hashlib.sha256(valid.astype('<i8').tobytes()).hexdigest() == SKLEARN_CIFAR10['valid_sha256']
     assert hashlib.sha256(train.astype('<i8').tobytes()).hexdigest() == SKLEARN_CIFAR10['train_sha256']
-    assert [list(part) for part in data.cifar10_held_out(10, 5)] == [list(part) for part in SKLEARN_10_5]
+    assert [list(part) for part in tfds_source.cifar10_held_out(10, 5)] == [list(part) for part in SKLEARN_10_5]
 
 
 def cifar10_mock(ids):

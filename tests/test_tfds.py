@@ -18,6 +18,7 @@ import pytest
 import cli
 import data
 from offline import cut_network
+import tfds_source
 
 SIZE = {'cifar10': 32, 'imagenet32': 32, 'imagenet64': 64}
 
@@ -56,9 +57,9 @@ def test_a_fresh_install_gets_as_far_as_the_download_and_says_no_network(dataset
     # It reached the download of one of the dataset's own source files, and only that failed.
     assert message.startswith(f'{name}: not prepared in {tmp_path}, and tfds cannot download it: no network')
     refused = re.search(r'tests/offline.py refused (\S+)\)', message).group(1)
-    assert refused in offline and refused.rsplit('/', 1)[1] in data.TFDS_SOURCE_FILES[name]
+    assert refused in offline and refused.rsplit('/', 1)[1] in tfds_source.TFDS_SOURCE_FILES[name]
     assert 'DIR/downloads/manual/' in message and '--data_dir=DIR' in message
-    for f in data.TFDS_SOURCE_FILES[name]:
+    for f in tfds_source.TFDS_SOURCE_FILES[name]:
         assert f in message
 
 
@@ -185,7 +186,7 @@ def test_an_unreachable_bucket_is_reported_as_such():
     import tensorflow as tf
     e = tf.errors.FailedPreconditionError(None, None, "Error executing an HTTP request: libcurl code 6 "
                                           "meaning 'Could not resolve hostname'")
-    message = data._tfds_failure('cifar10', 'train', 'gs://bucket/tfds', 'gs://bucket/tfds', e)
+    message = tfds_source.failure('cifar10', 'train', 'gs://bucket/tfds', 'gs://bucket/tfds', e)
     assert message.startswith('cifar10: cannot reach gs://bucket/tfds: no network')
-    other = data._tfds_failure('cifar10', 'train', '/x', '/x', ValueError('Unknown split "tr"'))
+    other = tfds_source.failure('cifar10', 'train', '/x', '/x', ValueError('Unknown split "tr"'))
     assert other == "cifar10: cannot load split 'train' from /x: Unknown split \"tr\""
