@@ -253,13 +253,15 @@ def profile_summary(folder):
     TensorFlow's trace (the newest .xplane.pb under `folder`). Kinds: the convolutions
     and matrix products, XLA's kernels (fastgraph's GELU and adds), every other TensorFlow op.
     Time is summed over the threads that run ops, so two ops at once count twice. None where
-    the trace has an accelerator's plane (its kernels run there, not in these ops), or where
-    this TensorFlow does not ship the trace's format."""
+    the trace has an accelerator's plane (its kernels run there, not in these ops), where
+    there is no trace, or where this TensorFlow does not ship the trace's format."""
     try:
         from tensorflow.tsl.profiler.protobuf import xplane_pb2
     except ImportError:
         return None
     files = sorted(glob.glob(os.path.join(folder, '**', '*.xplane.pb'), recursive=True), key=os.path.getmtime)
+    if not files:       # the profiler wrote nothing (it says why on stderr)
+        return None
     space = xplane_pb2.XSpace()
     with open(files[-1], 'rb') as f:
         space.ParseFromString(f.read())

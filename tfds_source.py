@@ -20,7 +20,7 @@ def split(dataset, split, image_size, data_dir):
     where = data_dir or f'the default tfds data_dir ({tfds.core.constants.DATA_DIR})'
     try:
         ds = tfds.load(name, split=source, shuffle_files=False, data_dir=data_dir)
-    except Exception as e:  # noqa: BLE001 -- tfds raises many kinds; _tfds_failure sorts them
+    except Exception as e:  # noqa: BLE001 -- tfds raises many kinds; failure() sorts them
         raise data.DataError(failure(name, source, data_dir, where, e)) from None
     size = None
     if dataset == 'cifar10' and split != 'test':
