@@ -271,7 +271,9 @@ def conv(x, kernel, bias=None):
 def _as_matmul(x, kernel):
     # A float32 1x1 conv as one matrix product, forward and for its input's gradient: the
     # cifar10 train step (batch 8) ran 1.16, 1.16 img/s against 1.04, 0.96 as convs on an AMD
-    # EPYC, evaluation and sampling alike. In bfloat16 oneDNN's conv was as fast or faster.
+    # EPYC, evaluation and sampling alike. In bfloat16 oneDNN's conv was as fast or faster on
+    # an AMX Xeon; on an AMD EPYC the product trained alike (within noise) but evaluated and
+    # sampled 2-5% slower (README, "Where the time goes now").
     return kernel.shape[:2] == (1, 1) and x.dtype == tf.float32
 
 
