@@ -26,7 +26,7 @@ def split(dataset, split, image_size, data_dir):
     if dataset == 'cifar10' and split != 'test':
         ds, size = _cifar10_official(ds, split, where)
     # ImageNet: tfds's train order is fixed and was shuffled when the dataset was built, so
-    # the first images are a random held-out set (not the official one: module docstring).
+    # the first images are a random held-out set (not the official one: data.py's docstring).
     elif split == 'valid':
         ds = ds.take(data.HELD_OUT[dataset])
     elif split == 'train':
@@ -38,7 +38,7 @@ def split(dataset, split, image_size, data_dir):
         raise data.DataError(f'{name}: split {split!r} in {where} has no images')
     if tuple(first.shape) != want:
         raise data.DataError(f'{name} in {where}: {split} image 0 has shape '
-                        f'{"x".join(map(str, first.shape))}, expected {"x".join(map(str, want))}')
+                             f'{"x".join(map(str, first.shape))}, expected {"x".join(map(str, want))}')
     size = size or int(ds.cardinality())
     if size < 0:
         size = int(ds.reduce(0, lambda n, _: n + 1))
