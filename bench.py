@@ -328,7 +328,7 @@ def main(_):
     if set(paths) - {'train', 'eval', 'sample'} or not paths:
         hparams.fail(f'--paths={",".join(FLAGS.paths)}: choose from train, eval, sample')
     hparams.at_least(batch=1, eval_batch=1, steps=1)
-    if FLAGS.profile is not None and (not FLAGS.profile or os.path.isfile(FLAGS.profile)):
+    if FLAGS.profile and os.path.isfile(FLAGS.profile):     # an empty one hparams.run refuses already
         hparams.fail(f'--profile={FLAGS.profile}: give a folder for the profiles (it is made if missing)')
     presets = {name: hparams.exit_on_error(hparams.load, name) for name in FLAGS.presets}
     pipeline = bench_pipelines(FLAGS.batch, FLAGS.data_seconds) if FLAGS.data else None

@@ -92,7 +92,7 @@ def test_probabilities_of_all_pixel_values_sum_to_one(levels):
     def log_probs_given_red(params, red):
         target = tf.stack([tf.fill(g.shape, red), g, b], -1)[None]
         return likelihood.dmol_log_probs(tf.broadcast_to(params, (1,) + g.shape + (30,)), target,
-                                    low_bit=levels == 32)
+                                         low_bit=levels == 32)
 
     for trial in range(3):
         params = tf.constant(_random_params(rng, (1, 1), 3, (-5., 0.)))
