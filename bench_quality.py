@@ -14,10 +14,10 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+import checkpoints
 import data
 import hparams
 import model as vdvae
-import sample
 import steps
 import train
 
@@ -74,7 +74,7 @@ def compression(ckpt, n):
     """compress.py's files against the images' negative ELBO, PNG and WebP; then the cost of
     the grid (every latent coded) on a fifth of the images."""
     import compress
-    model, hp, *_ = sample.load(ckpt)
+    model, hp, *_ = checkpoints.load(ckpt)
     images = np.stack(list(data.load_split(hp.dataset, 'test', hp.image_size).take(n).as_numpy_iterator()))
     first, dims = max(1, len(images) // 5), images[0].size
     bits = lambda size, count: 8 * size / (count * dims)

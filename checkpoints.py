@@ -8,10 +8,15 @@ newest checkpoint costs the steps since the one before it, not the run.
 - `save(manager, state, step)`: refuses to write non-finite weights, EMA or optimizer state.
 - `writing(path, what)`: a write that fails (a full disk, a read-only folder) ends the run in
   one line naming the path, with no traceback.
+- `load(ckpt)`: a model holding a run folder's (or one ckpt-N's) EMA or raw weights, built from
+  the folder's hparams.json; what sample.py, compress.py, convert.py --export and --test_eval
+  read; a missing or damaged one is one error line.
 - `Preemption`: SIGTERM / SIGINT (TPU VMs, Colab, SLURM, Ctrl-C) ask the training loop to save
   and stop once the call under way ends.
 """
 import contextlib
+import dataclasses
+import json
 import os
 import re
 import signal
@@ -21,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 import hparams
+import model as vdvae
 
 # What TF raises on a damaged bundle: DataLossError (checksum), NotFoundError (missing file),
 # IndexError (a truncated data file), OpError in general.
@@ -167,3 +173,69 @@ class Preemption:
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+# ---------------------------------------------------------------------------------------
+# Run folders: hparams.json says what the checkpoints in ckpt/ hold.
+
+
+def load_run_hparams(ckpt):
+    """The hparams of a run folder or of a checkpoint prefix inside one."""
+    folder = ckpt if tf.io.gfile.isdir(ckpt) else os.path.dirname(os.path.dirname(ckpt))
+    path = os.path.join(folder, 'hparams.json')
+    if not tf.io.gfile.exists(path):
+        hparams.fail(f'{ckpt}: no hparams.json beside it; not a checkpoint of this project')
+    try:
+        fields = json.loads(tf.io.gfile.GFile(path).read())
+        return hparams.validate(hparams.HParams(**fields)), folder
+    except (TypeError, ValueError, hparams.HParamsError) as e:
+        hparams.fail(f'{path}: {e}')
+
+
+def checkpoint_path(ckpt, folder):
+    """A run folder: its newest checkpoint that reads back whole (a damaged newer one is
+    named in a warning, and left as it is); a ckpt-N prefix: that one, verified."""
+    if tf.io.gfile.isdir(ckpt):
+        try:
+            latest = newest_good(os.path.join(folder, 'ckpt'), move=False)
+        except CheckpointError as e:
+            hparams.fail(e)
+        if latest is None:
+            hparams.fail(f'{ckpt}: no readable checkpoint in {os.path.join(folder, "ckpt")}')
+        return latest
+    if not tf.io.gfile.exists(ckpt + '.index'):
+        hparams.fail(f'{ckpt}: no such checkpoint ({ckpt}.index is missing)')
+    try:
+        verify(ckpt)
+    except CheckpointError as e:
+        hparams.fail(e)
+    return ckpt
+
+
+def load(ckpt, strategy=None, which='ema'):
+    """A model holding the EMA weights of `ckpt` (which='weights': the raw ones training goes
+    on from) -> (model, hp, run folder, checkpoint path, step)."""
+    hp, folder = load_run_hparams(ckpt)
+    path = checkpoint_path(ckpt, folder)
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        model = vdvae.VDVAE(hp)
+        step = tf.Variable(0, dtype=tf.int64)
+    reader = tf.train.Checkpoint(step=step, **{which: {vdvae.checkpoint_key(v): v.value for v in model.weights}})
+    try:
+        reader.read(path).assert_existing_objects_matched().expect_partial()
+    except (*READ_ERRORS, AssertionError) as e:
+        hparams.fail(f'{path}: cannot be restored into a {hp.dataset} model of this project '
+                     f'({str(e).splitlines()[0][:300]})')
+    return model, hp, folder, path, int(step.numpy())
+
+
+def check_preset(hp, preset):
+    """--hparams is optional; if given, the checkpoint's architecture must be that preset's."""
+    expected = hparams.exit_on_error(hparams.load, preset)
+    training_only = {'lr', 'adam_beta1', 'adam_beta2', 'adam_eps', 'weight_decay', 'warmup_iters',
+                     'ema_rate', 'grad_clip', 'skip_threshold', 'batch_size', 'steps', 'seed'}
+    diff = [f.name for f in dataclasses.fields(hp)
+            if f.name not in training_only and getattr(hp, f.name) != getattr(expected, f.name)]
+    if diff:
+        hparams.fail(f'the checkpoint is not a {preset} model: {", ".join(diff)} differ; '
+                     'drop --hparams (the checkpoint knows its own)')

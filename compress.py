@@ -397,7 +397,7 @@ def main(_):
         if not FLAGS[name].value:
             hparams.fail(f'--{name} is required')
     hparams.at_least(batch=1)
-    model, hp, _, path, step = sample.load(FLAGS.ckpt)
+    model, hp, _, path, step = checkpoints.load(FLAGS.ckpt)
     if hp.low_bit:
         hparams.fail(f'{path}: a 5-bit (low_bit) model; compress.py codes 8-bit images only')
     print(f'{path}: {hp.dataset} {hp.image_size}x{hp.image_size}, EMA weights at step {step}')

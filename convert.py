@@ -31,7 +31,6 @@ import data
 import hparams
 from hparams import parse_blocks
 import model as vdvae
-import sample
 import steps
 import train
 
@@ -380,9 +379,9 @@ def export_main():
     overrides = [f.name for f in dataclasses.fields(hparams.HParams) if FLAGS[f.name].value is not None]
     if overrides:
         hparams.fail(f'--export takes the hyperparameters from the run folder; drop --{overrides[0]}')
-    model, hp, _, path, step = sample.load(FLAGS.ckpt, which='ema' if FLAGS.weights == 'ema' else 'weights')
+    model, hp, _, path, step = checkpoints.load(FLAGS.ckpt, which='ema' if FLAGS.weights == 'ema' else 'weights')
     if FLAGS.hparams:
-        sample.check_preset(hp, FLAGS.hparams)
+        checkpoints.check_preset(hp, FLAGS.hparams)
     state_dict = export_official(model)
     with checkpoints.writing(FLAGS.out, 'the checkpoint', '; nothing was written'):
         write_state_dict(state_dict, FLAGS.out)

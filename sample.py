@@ -10,11 +10,8 @@ posterior latents, and where in the hierarchy the rate is spent.
 The EMA weights and the hyperparameters come from the run folder (hparams.json); --ckpt is
 the folder (its latest checkpoint) or one ckpt-N prefix inside it.
 """
-import contextlib
 import csv
-import dataclasses
 import io
-import json
 import math
 import os
 import re
@@ -31,7 +28,6 @@ import checkpoints
 import data
 from figures import grid, labelled, rate_comparison, rate_figure, titled, write_png
 import hparams
-import model as vdvae
 
 FLAGS = flags.FLAGS
 
@@ -66,72 +62,6 @@ def define_flags():
     flags.DEFINE_string('out', None, 'output PNG (stats: also a .csv beside it); default in '
                         '<run folder>/figures/')
     flags.DEFINE_boolean('overwrite', False, 'replace an existing --out')
-
-
-# ---------------------------------------------------------------------------------------
-# Run folders: hparams.json says what the checkpoints in ckpt/ hold.
-
-
-def load_run_hparams(ckpt):
-    """The hparams of a run folder or of a checkpoint prefix inside one."""
-    folder = ckpt if tf.io.gfile.isdir(ckpt) else os.path.dirname(os.path.dirname(ckpt))
-    path = os.path.join(folder, 'hparams.json')
-    if not tf.io.gfile.exists(path):
-        hparams.fail(f'{ckpt}: no hparams.json beside it; not a checkpoint of this project')
-    try:
-        fields = json.loads(tf.io.gfile.GFile(path).read())
-        return hparams.validate(hparams.HParams(**fields)), folder
-    except (TypeError, ValueError, hparams.HParamsError) as e:
-        hparams.fail(f'{path}: {e}')
-
-
-def checkpoint_path(ckpt, folder):
-    """A run folder: its newest checkpoint that reads back whole (a damaged newer one is
-    named in a warning, and left as it is); a ckpt-N prefix: that one, verified."""
-    if tf.io.gfile.isdir(ckpt):
-        try:
-            latest = checkpoints.newest_good(os.path.join(folder, 'ckpt'), move=False)
-        except checkpoints.CheckpointError as e:
-            hparams.fail(e)
-        if latest is None:
-            hparams.fail(f'{ckpt}: no readable checkpoint in {os.path.join(folder, "ckpt")}')
-        return latest
-    if not tf.io.gfile.exists(ckpt + '.index'):
-        hparams.fail(f'{ckpt}: no such checkpoint ({ckpt}.index is missing)')
-    try:
-        checkpoints.verify(ckpt)
-    except checkpoints.CheckpointError as e:
-        hparams.fail(e)
-    return ckpt
-
-
-def load(ckpt, strategy=None, which='ema'):
-    """A model holding the EMA weights of `ckpt` (which='weights': the raw ones training goes
-    on from) -> (model, hp, run folder, checkpoint path, step)."""
-    hp, folder = load_run_hparams(ckpt)
-    path = checkpoint_path(ckpt, folder)
-    with strategy.scope() if strategy else contextlib.nullcontext():
-        model = vdvae.VDVAE(hp)
-        step = tf.Variable(0, dtype=tf.int64)
-    reader = tf.train.Checkpoint(step=step, **{which: {vdvae.checkpoint_key(v): v.value for v in model.weights}})
-    try:
-        reader.read(path).assert_existing_objects_matched().expect_partial()
-    except (*checkpoints.READ_ERRORS, AssertionError) as e:
-        hparams.fail(f'{path}: cannot be restored into a {hp.dataset} model of this project '
-                     f'({str(e).splitlines()[0][:300]})')
-    return model, hp, folder, path, int(step.numpy())
-
-
-def check_preset(hp, preset):
-    """--hparams is optional; if given, the checkpoint's architecture must be that preset's."""
-    expected = hparams.exit_on_error(hparams.load, preset)
-    training_only = {'lr', 'adam_beta1', 'adam_beta2', 'adam_eps', 'weight_decay', 'warmup_iters',
-                     'ema_rate', 'grad_clip', 'skip_threshold', 'batch_size', 'steps', 'seed'}
-    diff = [f.name for f in dataclasses.fields(hp)
-            if f.name not in training_only and getattr(hp, f.name) != getattr(expected, f.name)]
-    if diff:
-        hparams.fail(f'the checkpoint is not a {preset} model: {", ".join(diff)} differ; '
-                     'drop --hparams (the checkpoint knows its own)')
 
 
 # ---------------------------------------------------------------------------------------
@@ -424,9 +354,9 @@ def main(_):
         hparams.fail(f'--ckpt names {len(ckpts)} checkpoints; only --mode=stats compares several')
     runs = []
     for ckpt in ckpts:
-        model, hp, folder, path, step = load(ckpt)
+        model, hp, folder, path, step = checkpoints.load(ckpt)
         if FLAGS.hparams:
-            check_preset(hp, FLAGS.hparams)
+            checkpoints.check_preset(hp, FLAGS.hparams)
         print(f'{path}: {hp.dataset} {hp.image_size}x{hp.image_size}, {model.num_layers} layers, '
               f'EMA weights at step {step}')
         runs.append((model, hp, folder))

@@ -241,11 +241,11 @@ def check_run_folder(logdir, hp):
 
 
 def test_eval(strategy):
-    model, hp, _, _, step = sample.load(FLAGS.ckpt or FLAGS.logdir or f'runs/{FLAGS.hparams}', strategy)
+    model, hp, _, _, step = checkpoints.load(FLAGS.ckpt or FLAGS.logdir or f'runs/{FLAGS.hparams}', strategy)
     # The checkpoint knows its own hyperparameters: --hparams may only confirm them, and of the
     # field flags only the batch size (memory) means anything here.
     if FLAGS['hparams'].present:
-        sample.check_preset(hp, FLAGS.hparams)
+        checkpoints.check_preset(hp, FLAGS.hparams)
     overrides = [f.name for f in dataclasses.fields(hparams.HParams)
                  if FLAGS[f.name].value is not None and f.name != 'batch_size']
     if overrides:

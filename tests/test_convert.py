@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import checkpoints
 import cli
 import convert
 import hparams
 from hparams import parse_blocks
 import model as vdvae
-import sample
 
 ARCHITECTURE = ('width', 'zdim', 'bottleneck_multiple', 'num_mixtures', 'no_bias_above',
                 'enc_blocks', 'dec_blocks', 'custom_width_str', 'image_size', 'low_bit')
@@ -210,8 +210,8 @@ def test_import_writes_a_run_folder_holding_the_official_weights(imported):
     assert json.load(open(os.path.join(folder, 'hparams.json'))) == dataclasses.asdict(hp)
     direct = vdvae.VDVAE(hp)
     convert.load_official(direct, convert.read_state_dict(path))
-    ema, _, _, ckpt, step = sample.load(folder)
-    raw = sample.load(folder, which='weights')[0]
+    ema, _, _, ckpt, step = checkpoints.load(folder)
+    raw = checkpoints.load(folder, which='weights')[0]
     assert ckpt == os.path.join(folder, 'ckpt', 'ckpt-0') and step == 0
     for a, b, c in zip(direct.weights, ema.weights, raw.weights):
         np.testing.assert_array_equal(b.numpy(), a.numpy(), err_msg=a.path)
@@ -285,8 +285,8 @@ def test_the_model_file_gives_the_weights_to_train_on_and_export_can_write_them(
     convert.write_state_dict(raw_dict, raw_path)
     ckpt, tensors, _ = convert.import_run(hp, folder, path, raw_path)
     assert tensors == 350 and ckpt.endswith('ckpt-0')
-    assert _same(convert.export_official(sample.load(folder)[0]), convert.read_state_dict(path))
-    assert _same(convert.export_official(sample.load(folder, which='weights')[0]), raw_dict)
+    assert _same(convert.export_official(checkpoints.load(folder)[0]), convert.read_state_dict(path))
+    assert _same(convert.export_official(checkpoints.load(folder, which='weights')[0]), raw_dict)
     out = str(tmp_path / 'raw-again.th')
     r = cli.run('convert.py', '--export', '--weights=model', f'--ckpt={ckpt}', f'--out={out}')
     assert r.returncode == 0, r.stderr[-2000:]

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 import tensorflow as tf
 
+import checkpoints
 import cli
 import figures
 import hparams
@@ -35,11 +36,11 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def loaded(run):
-    return sample.load(run[0])[0]
+    return checkpoints.load(run[0])[0]
 
 
 def test_load_gives_the_ema_weights_the_hparams_and_the_step(run):
-    m, hp, folder, path, step = sample.load(run[0])
+    m, hp, folder, path, step = checkpoints.load(run[0])
     assert hp == hparams.load('tiny') and folder == run[0] and path.endswith('ckpt-7') and step == 0
     for v, e in zip(m.weights, run[1]):
         np.testing.assert_array_equal(v.numpy(), e, err_msg=v.path)
@@ -81,7 +82,7 @@ def test_same_seed_same_images_and_one_graph_per_batch_size(loaded):
 
 
 def test_lower_temperature_gives_less_variation_across_samples(run):
-    m = sample.load(run[0])[0]
+    m = checkpoints.load(run[0])[0]
     # Near-deterministic pixels (one mixture component, tiny scales), so what varies between
     # samples is what the latents make vary.
     M, bias = m.hp.num_mixtures, m.decoder.out_bias.numpy()
@@ -156,7 +157,7 @@ def test_reconstruct_cli_with_a_folder_of_images(run, tmp_path):
     out = str(tmp_path / 'rec.png')
     r = cli.run('sample.py', f'--ckpt={run[0]}', '--mode=reconstruct', f'--images={folder}', '--keep=1,5,10', f'--out={out}')
     assert r.returncode == 0, r.stderr[-2000:]
-    share = sample.latent_share(sample.load(run[0])[0])
+    share = sample.latent_share(checkpoints.load(run[0])[0])
     for k in (1, 5, 10):
         assert f'k={k:4d}: first {k} of 10 layers, {100 * share[k - 1]:.2f}% of the latent dimensions' in r.stdout
     picture = np.asarray(Image.open(out))
@@ -171,7 +172,7 @@ def test_stats_csv_sums_to_the_models_rate(run, tmp_path):
              '--seed=3', f'--out={out}')
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / 'stats.csv')))
-    m = sample.load(run[0])[0]
+    m = checkpoints.load(run[0])[0]
     assert [int(r['layer']) for r in rows] == list(range(1, m.num_layers + 1))
     x_in, target = sample.data.preprocess(images, m.hp)
     rate = np.concatenate([m.losses_per_image(x_in[i:i + 4], target[i:i + 4], seed=[3, i])['rate']
@@ -223,9 +224,9 @@ def test_stats_compares_figure_5s_variants_in_one_figure(tmp_path):
 
 
 def test_a_checkpoint_of_another_preset_is_refused(loaded, capsys):
-    sample.check_preset(loaded.hp, 'tiny')
+    checkpoints.check_preset(loaded.hp, 'tiny')
     with pytest.raises(SystemExit) as exit:
-        sample.check_preset(loaded.hp, 'cifar10')
+        checkpoints.check_preset(loaded.hp, 'cifar10')
     assert exit.value.code == 2
     assert 'error: the checkpoint is not a cifar10 model: dataset, image_size, width' in capsys.readouterr().err
 

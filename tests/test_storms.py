@@ -85,7 +85,7 @@ def test_a_log_line_reports_its_interval_and_figure_6_is_drawn(below_guard, tmp_
     # The preview is the grid of the EMA weights (sample.py's), not of the raw ones.
     import sample
     from PIL import Image
-    ema, hp, *_ = sample.load(f'{logdir}/ckpt/ckpt-12')
+    ema, hp, *_ = checkpoints.load(f'{logdir}/ckpt/ckpt-12')
     expected = sample.sample_grid(ema, *train.preview_images(hp), seed=12, title='step 12, EMA weights')
     np.testing.assert_array_equal(np.asarray(Image.open(f'{logdir}/samples/step-00000012.png')), expected)
     events = tf.io.gfile.glob(f'{logdir}/tb/events.*')
