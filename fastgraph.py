@@ -248,11 +248,26 @@ def _times(dy, slope, skip):
     return tf.cast(dx if skip is None else dx + tf.cast(skip, tf.float32), dy.dtype)
 
 
-@tf.function(jit_compile=True, autograph=False)
 def _sum(*terms):
-    # TensorFlow's own bfloat16 add is slower than its float32 add on this CPU (1.21 ms
-    # against 0.96 on 3M values); one pass that rounds once from float32 inside XLA is not.
+    """The terms added in float32 and rounded once, one XLA pass: TensorFlow's own bfloat16
+    add is slower than its float32 add on this CPU (1.21 ms against 0.96 on 3M values). One
+    traced function per shape, for any batch size, as the blocks have: the decoder's adds run
+    outside the blocks, and an eager call at a new batch size would otherwise retrace."""
+    key = (len(terms), terms[0].dtype, tuple(terms[0].shape[1:]))
+    if key not in _SUM_FUNCTIONS:
+        spec = tf.TensorSpec([None, *terms[0].shape[1:]], terms[0].dtype)
+        _SUM_FUNCTIONS[key] = tf.function(functools.partial(_sum_in_float32), input_signature=[spec] * len(terms),
+                                          jit_compile=True, autograph=False)
+    out = _SUM_FUNCTIONS[key](*terms)
+    out.set_shape(terms[0].shape)
+    return out
+
+
+def _sum_in_float32(*terms):
     return tf.cast(tf.add_n([tf.cast(t, tf.float32) for t in terms]), terms[0].dtype)
+
+
+_SUM_FUNCTIONS = {}
 
 
 @tf.custom_gradient
