@@ -12,7 +12,6 @@ from PIL import Image
 
 import data
 import hparams
-import tfds_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,99 +143,6 @@ def test_wrong_names_and_sizes():
     one_line_error(data.load_split, 'mnist5k', 'train', 64, match='image_size=64')
     one_line_error(data.load_split, 'cifar10', 'train', 64, match='image_size=64')
     one_line_error(data.load_split, 'ffhq256', 'train', 256, match='--data_dir')
-
-
-# ---------------------------------------------------------------------------------------
-# tfds sources under tfds.testing.mock_data.
-# The official code's CIFAR-10 split, as scikit-learn 1.9.1 draws it, run once outside the
-# project (pip install scikit-learn; then, for (n, k) = (50000, 5000) and (10, 5)):
-#     from sklearn.model_selection import train_test_split
-#     train, valid = train_test_split(np.arange(n), test_size=k, random_state=11172018)
-#     hashlib.sha256(valid.astype('<i8').tobytes()).hexdigest(), the same for train
-SKLEARN_CIFAR10 = dict(
-    valid_first=[38899, 48321, 12222, 16844, 47067, 26668, 26014, 11553],
-    train_first=[28062, 8836, 24693, 36105, 26494, 7812, 43533, 19615],
-    valid_sha256='a62a2f02ab39756edc27567a7feea80a736cbcf461d6106567afc30e66b154b0',
-    train_sha256='41bfb7d6515495aa7dccb33e7508d8ef7b23d9d8c44d3073385d8198657c5a66')
-SKLEARN_10_5 = ([0, 3, 8, 7, 1], [6, 2, 9, 4, 5])     # (valid, train) of 10 images, 5 held out
-
-
-def test_the_cifar10_held_out_positions_are_scikit_learns():
-    import hashlib
-    valid, train = tfds_source.cifar10_held_out(50000, data.HELD_OUT['cifar10'])
-    assert list(valid[:8]) == SKLEARN_CIFAR10['valid_first'] and list(train[:8]) == SKLEARN_CIFAR10['train_first']
-    assert hashlib.sha256(valid.astype('<i8').tobytes()).hexdigest() == SKLEARN_CIFAR10['valid_sha256']
-    assert hashlib.sha256(train.astype('<i8').tobytes()).hexdigest() == SKLEARN_CIFAR10['train_sha256']
-    assert [list(part) for part in tfds_source.cifar10_held_out(10, 5)] == [list(part) for part in SKLEARN_10_5]
-
-
-def cifar10_mock(ids):
-    """as_dataset_fn: the train split in the given id order, each image filled with the
-    position its id names; the test split three images of 255."""
-    def as_dataset(self, *args, **kwargs):
-        split = str(kwargs.get('split', args[0] if args else ''))
-        rows = [('test_0', 255)] * 3 if 'test' in split else [(i, int('0' + i[6:])) for i in ids]
-        return tf.data.Dataset.from_generator(
-            lambda: ({'id': i, 'image': np.full((32, 32, 3), v, np.uint8)} for i, v in rows),
-            output_signature={'id': tf.TensorSpec((), tf.string),
-                              'image': tf.TensorSpec((None, None, 3), tf.uint8)}).apply(
-            tf.data.experimental.assert_cardinality(len(rows)))
-    return as_dataset
-
-
-def test_cifar10_holds_out_the_official_train_images(monkeypatch):
-    """tfds hands the examples out shuffled; the split follows their ids, not their order."""
-    import tensorflow_datasets as tfds
-    monkeypatch.setitem(data.HELD_OUT, 'cifar10', 5)
-    ids = [f'train_{p:05d}' for p in np.random.default_rng(0).permutation(10)]
-    with tfds.testing.mock_data(as_dataset_fn=cifar10_mock(ids)):
-        split = {s: images_of(data.load_split('cifar10', s, 32))[:, 0, 0, 0] for s in data.SPLITS}
-        assert data.split_size('cifar10', 'valid', 32) == 5 and data.split_size('cifar10', 'train', 32) == 5
-    order = [int(i[6:]) for i in ids]
-    assert list(split['valid']) == [p for p in order if p in SKLEARN_10_5[0]]     # tfds's order
-    assert list(split['train']) == [p for p in order if p in SKLEARN_10_5[1]]
-    assert list(split['test']) == [255] * 3
-    with tfds.testing.mock_data(as_dataset_fn=cifar10_mock(['train_00001', 'img7'] + ids[2:])):
-        with pytest.raises(data.DataError, match='an example id is not train_N'):
-            with data.clear_errors():
-                images_of(data.load_split('cifar10', 'train', 32))
-
-
-def imagenet_mock(shapes):
-    """as_dataset_fn: split 'train' images hold 1, 'validation' 2, with the given shapes."""
-    def as_dataset(self, *args, **kwargs):
-        split = str(kwargs.get('split', args[0] if args else ''))
-        fill = 2 if 'validation' in split else 1
-        return tf.data.Dataset.from_generator(
-            lambda: ({'image': np.full(s, fill, np.uint8)} for s in shapes),
-            output_signature={'image': tf.TensorSpec((None, None, 3), tf.uint8)})
-    return as_dataset
-
-
-def test_downsampled_imagenet_shapes_are_checked():
-    import tensorflow_datasets as tfds
-    with tfds.testing.mock_data(num_examples=3):    # the automatic mock: odd shapes like 43x33
-        message = one_line_error(data.load_split, 'imagenet32', 'test', 32)
-    assert 'downsampled_imagenet/32x32' in message and 'expected 32x32x3' in message
-    with tfds.testing.mock_data(as_dataset_fn=imagenet_mock([(64, 64, 3)] * 7)):
-        test = images_of(data.load_split('imagenet64', 'test', 64))
-        assert test.shape == (7, 64, 64, 3) and (test == 2).all()    # test = validation split
-        one_line_error(data.load_split, 'imagenet64', 'train', 64, match='has no images')
-    # An odd shape after the first image is caught while reading.
-    with tfds.testing.mock_data(as_dataset_fn=imagenet_mock([(32, 32, 3), (32, 31, 3)])):
-        ds = data.load_split('imagenet32', 'test', 32)
-        with pytest.raises(data.DataError, match='another shape than 32x32x3'):
-            with data.clear_errors():
-                images_of(ds)
-
-
-def test_imagenet_held_out_split(monkeypatch):
-    import tensorflow_datasets as tfds
-    assert data.HELD_OUT['imagenet32'] == data.HELD_OUT['imagenet64'] == 5000
-    monkeypatch.setitem(data.HELD_OUT, 'imagenet32', 2)
-    with tfds.testing.mock_data(as_dataset_fn=imagenet_mock([(32, 32, 3)] * 5)):
-        assert len(images_of(data.load_split('imagenet32', 'train', 32))) == 3
-        assert len(images_of(data.load_split('imagenet32', 'valid', 32))) == 2
 
 
 # ---------------------------------------------------------------------------------------
