@@ -256,6 +256,7 @@ def _sum(*terms):
     key = (len(terms), terms[0].dtype, tuple(terms[0].shape[1:]))
     if key not in _SUM_FUNCTIONS:
         spec = tf.TensorSpec([None, *terms[0].shape[1:]], terms[0].dtype)
+        # A partial for the reason bottleneck gives: TF counts traces per code object.
         _SUM_FUNCTIONS[key] = tf.function(functools.partial(_sum_in_float32), input_signature=[spec] * len(terms),
                                           jit_compile=True, autograph=False)
     out = _SUM_FUNCTIONS[key](*terms)
