@@ -274,11 +274,15 @@ def test_every_flag_the_readme_names_exists():
     assert named <= defined, sorted(named - defined)
 
 
+def python_blocks():
+    return re.findall(r'^```python\n(.*?)^```', open(README).read(), re.S | re.M)
+
+
 def test_the_model_api_in_the_readme_runs():
-    """The README's Python block, on the tiny preset."""
+    """The README's first Python block, on the tiny preset."""
     import numpy as np
     import tensorflow as tf
-    block = re.search(r'^```python\n(.*?)^```', open(README).read(), re.S | re.M).group(1)
+    block = python_blocks()[0]
     assert "hparams.load('cifar10')" in block
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, 16, 16, 3)).astype(np.float32)
@@ -290,3 +294,19 @@ def test_the_model_api_in_the_readme_runs():
     block = namespace['block']
     assert block is m.decoder.blocks[5] and block.name == 'dec_block5'
     assert namespace['prior_in'].shape == block.pieces()['prior/c1_kernel'].shape
+
+
+def test_the_readme_loads_a_trained_run_from_python(request, monkeypatch):
+    """The README's second Python block, in the user's folder once the README's demo command
+    has trained runs/demo: its last checkpoint, the user's images as input (that the weights
+    are the EMA's: tests/test_sample.py)."""
+    import numpy as np
+    block = python_blocks()[1]
+    assert "checkpoints.load('runs/demo')" in block
+    monkeypatch.chdir(made(request.getfixturevalue('user_folder'), 'runs/demo'))
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8)
+    namespace = dict(images=images)
+    exec(block, namespace)   # noqa: S102
+    m, hp, step, out = namespace['m'], namespace['hp'], namespace['step'], namespace['out']
+    assert m.hp == hp and hp.dataset == 'mnist5k' and step == 2 and namespace['ckpt'].endswith('ckpt-2')
+    assert out['elbo'].shape == (3,) and np.all(np.isfinite(out['elbo']))
