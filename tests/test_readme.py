@@ -138,7 +138,7 @@ PLANS = {
         extra=('--learn_steps=2', '--learn_every=1', '--learn_images=8'),
         prints=r'\n\s+1\s+[\d.]+\s+[\d.]+\s+-\s+-\s+0\s.*\n\s+2\s+[\d.]+\s+[\d.]+\s+-\s+-\s+0\s'),
     'python bench.py --compress=runs/demo': Plan(
-        extra=('--compress_images=10',), prints=r'every latent \(--skip_kl=0\).*lossless'),
+        extra=('--compress_images=5',), prints=r'every latent \(--skip_kl=0\).*lossless'),
     'python bench.py --presets=cifar10': Plan(
         replace=(('--presets=cifar10', '--presets=tiny'),), extra=('--steps=1', '--batch=2', '--eval_batch=2'),
         prints=r'tiny +sample +2 .*\n.*\n\{"machine"'),
