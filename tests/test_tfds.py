@@ -22,6 +22,7 @@ import tensorflow as tf
 import cli
 import data
 from offline import cut_network
+from test_data import images_of, one_line_error
 import tfds_source
 
 SIZE = {'cifar10': 32, 'imagenet32': 32, 'imagenet64': 64}
@@ -44,20 +45,6 @@ def offline():
         if len(attempted) != seen:
             seen, quiet_since = len(attempted), time.time()
     requests.adapters.HTTPAdapter.send = original
-
-
-def one_line_error(fn, *args, match=None):
-    with pytest.raises(data.DataError) as e:
-        fn(*args)
-    message = str(e.value)
-    assert '\n' not in message
-    if match:
-        assert match in message, message
-    return message
-
-
-def images_of(ds):
-    return np.stack(list(ds.as_numpy_iterator()))
 
 
 @pytest.mark.parametrize('dataset', sorted(data.TFDS))
