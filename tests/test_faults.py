@@ -216,11 +216,12 @@ def _wait_for_step(path, proc, wanted):
 
 def test_kill_9_at_random_moments_loses_no_save_and_ends_bit_identical(straight30, tmp_path):
     """SIGKILL at 6 seeded random moments, the same command restarted after each: once during
-    the start-up (restore, trace), twice during updates, twice aimed at a save (0 to 0.2 s
-    after the log line of a step that saves) and once during an evaluation. Each restart
-    resumes from the newest complete checkpoint, no kill undoes a finished save, and the run
-    ends with the weights, EMA and optimizer state of the uninterrupted run (which neither
-    saved nor evaluated on the way), bit for bit."""
+    the start-up (restore, trace), twice during updates (once a save of that start has ended:
+    a step's log line comes after the save before it, so every later start resumes, whatever
+    the load), twice aimed at a save (0 to 0.2 s after the log line of a step that saves) and
+    once during an evaluation. Each restart resumes from the newest complete checkpoint, no
+    kill undoes a finished save, and the run ends with the weights, EMA and optimizer state of
+    the uninterrupted run (which neither saved nor evaluated on the way), bit for bit."""
     import random
     import re
     rng = random.Random(20261203)
@@ -235,8 +236,8 @@ def test_kill_9_at_random_moments_loses_no_save_and_ends_bit_identical(straight3
         moment = moments[attempt] if attempt < len(moments) else None
         if moment == 'start-up':
             time.sleep(rng.uniform(.5, 3.))         # the first step comes ~7 s after the fork here
-        elif moment == 'update':
-            _wait_for_step(out_path, proc, lambda n: True)
+        elif moment == 'update':      # past a save of this start's: the next start resumes
+            _wait_for_step(out_path, proc, lambda n: n > 3 * (last_saved // 3 + 1))
             time.sleep(rng.uniform(0., 1.))
         elif moment == 'save':
             _wait_for_step(out_path, proc, lambda n: n % 3 == 0 and n % 10)
