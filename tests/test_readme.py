@@ -296,14 +296,14 @@ def test_the_model_api_in_the_readme_runs():
     assert namespace['prior_in'].shape == block.pieces()['prior/c1_kernel'].shape
 
 
-def test_the_readme_loads_a_trained_run_from_python(request, monkeypatch):
+def test_the_readme_loads_a_trained_run_from_python(user_folder, monkeypatch):
     """The README's second Python block, in the user's folder once the README's demo command
     has trained runs/demo: its last checkpoint, the user's images as input (that the weights
     are the EMA's: tests/test_sample.py)."""
     import numpy as np
     block = python_blocks()[1]
     assert "checkpoints.load('runs/demo')" in block
-    monkeypatch.chdir(made(request.getfixturevalue('user_folder'), 'runs/demo'))
+    monkeypatch.chdir(made(user_folder, 'runs/demo'))
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8)
     namespace = dict(images=images)
     exec(block, namespace)   # noqa: S102
