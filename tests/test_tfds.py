@@ -265,7 +265,7 @@ def test_tfds_prepares_the_source_files_and_data_reads_every_image_exactly(
     np.testing.assert_array_equal(sorted_images(np.concatenate([got['train'], got['valid']])),
                                   sorted_images(train))       # lossless: PNG and raw bytes
     assert data.split_size(dataset, 'train', size, str(tmp_path)) == len(train) - held_out
-    if dataset == 'cifar10':      # the official code's split (test_data.py: scikit-learn's)
+    if dataset == 'cifar10':      # the official code's split (scikit-learn's: SKLEARN_10_5 above)
         for split, positions in zip(('valid', 'train'), SKLEARN_10_5):
             np.testing.assert_array_equal(sorted_images(got[split]), sorted_images(train[positions]))
 
