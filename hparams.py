@@ -315,12 +315,45 @@ def from_flags(flag_values=None):
 
 EMPTY_IS_A_VALUE = {'custom_width_str'}       # '' there means: every resolution uses `width`
 
+# The fields by what they set: the headings of a script's --help (with its own flags added).
+FIELD_GROUPS = {
+    'preset and data': ['hparams', 'dataset', 'image_size', 'image_channels', 'low_bit'],
+    'architecture (the paper\'s figure 3 and table 4)': [
+        'width', 'custom_width_str', 'zdim', 'bottleneck_multiple', 'num_mixtures', 'no_bias_above',
+        'unpool', 'top_down_block', 'enc_blocks', 'dec_blocks'],
+    'optimiser (the update rule)': ['lr', 'adam_beta1', 'adam_beta2', 'adam_eps', 'weight_decay',
+                                    'warmup_iters', 'ema_rate', 'grad_clip', 'skip_threshold', 'batch_size'],
+    'training loop': ['steps', 'seed'],
+}
+HELP = ('--help', '-help', '--helpshort', '-helpshort', '-?')
+
+
+def grouped_help(doc, groups):
+    """A script's --help with its flags under headings (`groups`: heading -> flag names); flags
+    of the script's own that no heading names come last, so none is left out."""
+    listed = {name for names in groups.values() for name in names}
+    own = sorted({f.name for f in flags.FLAGS.get_key_flags_for_module(sys.argv[0])} - listed)
+    parts = [(doc or '').rstrip() + '\n\nflags (--helpfull: every flag, absl\'s too):']
+    for heading, names in list(groups.items()) + [('other', own)]:
+        if names:
+            group = flags.FlagValues()
+            for name in names:
+                group[name] = flags.FLAGS[name]
+            parts.append(f'\n{heading}:\n' + group.get_help(prefix='  ', include_special_flags=False))
+    return '\n'.join(parts) + '\n'
+
 
 def run(main):
-    """absl's app.run, with flag errors (unknown flag, bad value) as one line and exit status 2."""
+    """absl's app.run, with flag errors (unknown flag, bad value) as one line and exit status 2.
+    A script with HELP_GROUPS (heading -> flag names) shows its --help under those headings."""
     from absl import app
+    script = sys.modules[main.__module__]
 
     def parse(argv):
+        groups = getattr(script, 'HELP_GROUPS', None)
+        if groups and any(arg in HELP for arg in argv[1:]):
+            print(grouped_help(script.__doc__, groups), end='')
+            sys.exit(1)         # as absl's --help
         try:
             rest = flags.FLAGS(argv)
         except flags.Error as e:

@@ -67,18 +67,38 @@ def dmol_sample(params, uniform):
     """uint8 images (B, H, W, 3) drawn from the mixture; `uniform(shape, k)` gives noise in
     (0, 1) for draw k: 0 picks each pixel's component, 1 its logistic noise."""
     params = tf.cast(params, tf.float32)
-    logits, means, log_scales, coeffs = _dmol_split(params)
+    logits = _dmol_split(params)[0]
     u = uniform(tf.shape(logits), 0)
-    pick = tf.one_hot(tf.argmax(logits - tf.math.log(-tf.math.log(u)), axis=-1),
-                      logits.shape[-1])[..., None, :]      # Gumbel-max choice of component
-    means, coeffs = tf.reduce_sum(means * pick, -1), tf.reduce_sum(coeffs * pick, -1)
-    log_scales = tf.reduce_sum(log_scales * pick, -1)
+    pick = tf.argmax(logits - tf.math.log(-tf.math.log(u)), axis=-1)     # Gumbel-max
+    means, log_scales, coeffs = _component(params, pick)
     u = uniform(tf.shape(means), 1)
-    x = means + tf.exp(log_scales) * (tf.math.log(u) - tf.math.log(1. - u))
+    return to_uint8(_coupled(means + tf.exp(log_scales) * (tf.math.log(u) - tf.math.log(1. - u)), coeffs))
+
+
+def dmol_mode(params):
+    """uint8 images (B, H, W, 3): each pixel's most probable component at its mean, green and
+    blue shifted by red (and green) as the likelihood couples them, rounded to the nearest
+    level. No noise: what the decoder thinks the image is, where a sample adds the
+    logistic's spread (broad early in training)."""
+    params = tf.cast(params, tf.float32)
+    means, _, coeffs = _component(params, tf.argmax(_dmol_split(params)[0], axis=-1))
+    return tf.cast(tf.round(tf.clip_by_value((_coupled(means, coeffs) + 1.) * 127.5, 0., 255.)), tf.uint8)
+
+
+def _component(params, pick):
+    """The means, log-scales and coefficients (B, H, W, 3) of component `pick` (B, H, W)."""
+    _, means, log_scales, coeffs = _dmol_split(params)
+    one_hot = tf.one_hot(pick, means.shape[-1])[..., None, :]
+    return [tf.reduce_sum(v * one_hot, -1) for v in (means, log_scales, coeffs)]
+
+
+def _coupled(x, coeffs):
+    """Per-colour values x (B, H, W, 3) -> pixels in [-1, 1]: green gets coeffs[0] x red, blue
+    coeffs[1] x red + coeffs[2] x green, each clipped before the next colour sees it."""
     r = tf.clip_by_value(x[..., 0], -1., 1.)
     g = tf.clip_by_value(x[..., 1] + coeffs[..., 0] * r, -1., 1.)
     b = tf.clip_by_value(x[..., 2] + coeffs[..., 1] * r + coeffs[..., 2] * g, -1., 1.)
-    return to_uint8(tf.stack([r, g, b], axis=-1))
+    return tf.stack([r, g, b], axis=-1)
 
 
 def to_uint8(x):

@@ -362,13 +362,21 @@ class VDVAE(keras.Model):
         return self.decoder.top_down(n, latents=list(latents), seed=seed,
                                      temperatures=self.temperatures(temperature))[0]
 
-    def decode_images(self, latents, n=None, temperature=1., seed=None):
+    def decode_images(self, latents, n=None, temperature=1., seed=None, pixels='sample'):
+        """uint8 images from decode(); pixels 'sample': drawn from p(x | z) (the paper's
+        figures), 'mode': its most likely values (likelihood.dmol_mode). The same seed draws
+        the same latents either way."""
         seed_z, seed_x = tf.unstack(_split_seed(seed, 2))
-        return dmol_sample(self.decode(latents, n, temperature, seed_z), seed_x)
+        params = self.decode(latents, n, temperature, seed_z)
+        if pixels == 'mode':
+            return likelihood.dmol_mode(params)
+        if pixels != 'sample':
+            raise ValueError(f"pixels={pixels!r}: 'sample' or 'mode'")
+        return dmol_sample(params, seed_x)
 
-    def sample(self, n, temperature=1., seed=None):
+    def sample(self, n, temperature=1., seed=None, pixels='sample'):
         """n unconditional uint8 images (n, H, W, 3)."""
-        return self.decode_images([], n, temperature, seed)
+        return self.decode_images([], n, temperature, seed, pixels)
 
     def temperatures(self, temperature):
         """One float, or a sequence with one value per decoder layer -> float32 (num_layers,)."""

@@ -6,6 +6,7 @@ posterior latents, and where in the hierarchy the rate is spent.
     python sample.py --ckpt=runs/imagenet32 --mode=reconstruct [--images=FILE_OR_FOLDER]
     python sample.py --ckpt=runs/imagenet32 --mode=stats
     python sample.py --ckpt=runs/nearest,runs/learned,runs/ffn --mode=stats   # figure 5's comparison
+    python sample.py --ckpt=runs/imagenet32 --mode=export --n=50000 --out=samples.npz   # for FID
 
 The EMA weights and the hyperparameters come from the run folder (hparams.json); --ckpt is
 the folder (its latest checkpoint) or one ckpt-N prefix inside it.
@@ -15,6 +16,7 @@ import io
 import math
 import os
 import re
+import shutil
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -45,9 +47,17 @@ def define_flags():
     """The command line; defined only when sample.py is the program (train.py imports it)."""
     flags.DEFINE_string('ckpt', None, 'run folder or ckpt-N prefix (required); --mode=stats takes '
                         'several, comma-separated, and compares them in one figure')
-    flags.DEFINE_enum('mode', 'sample', ['sample', 'reconstruct', 'stats'],
+    flags.DEFINE_enum('mode', 'sample', ['sample', 'reconstruct', 'stats', 'export'],
                       'sample: unconditional samples; reconstruct: keep the first k posterior '
-                      'latents (figure 4); stats: per-layer rate, CSV and plot (figure 5)')
+                      'latents (figure 4); stats: per-layer rate, CSV and plot (figure 5); export: '
+                      '--n samples at one --temp for an external metric (FID, precision/recall), '
+                      'one PNG each in the folder --out, or one uint8 (N, H, W, 3) array if --out '
+                      'ends in .npz')
+    flags.DEFINE_enum('pixels', 'sample', ['sample', 'mode'],
+                      'sample: pixels drawn from p(x | z), as in the paper\'s figures; mode: each '
+                      'pixel\'s most likely value (its most probable mixture component\'s mean): '
+                      'the image the decoder has in mind, without the per-pixel noise that is '
+                      'broad early in training')
     flags.DEFINE_string('temp', None, TEMPERATURE_HELP)
     flags.DEFINE_integer('n', 16, 'samples per temperature; images to reconstruct or to average stats over')
     flags.DEFINE_integer('nrow', 8, 'images per grid row (sample mode)')
@@ -59,8 +69,8 @@ def define_flags():
                         'a .npy (N, H, W, 3) uint8; default: the dataset\'s validation images')
     flags.DEFINE_string('data_dir', None, 'tfds data_dir or dataset folder, for validation images')
     flags.DEFINE_string('hparams', None, 'optional check: the preset the checkpoint must have been trained with')
-    flags.DEFINE_string('out', None, 'output PNG (stats: also a .csv beside it); default in '
-                        '<run folder>/figures/')
+    flags.DEFINE_string('out', None, 'output PNG (stats: also a .csv beside it; export: a folder, or '
+                        'a .npz); default in <run folder>/figures/')
     flags.DEFINE_boolean('overwrite', False, 'replace an existing --out')
 
 
@@ -114,11 +124,11 @@ def _schedule(row, model):
 # The figures' computations.
 
 
-def make_sampler(model, jit_compile=False):
+def make_sampler(model, jit_compile=False, pixels='sample'):
     """(n, temperature, seed) -> uint8 images. The prior path only, one compiled graph per
     batch size; temperatures are a tensor, so every schedule reuses the graph. jit_compile:
-    one XLA program per batch size (as on a TPU)."""
-    graph = tf.function(lambda n, temperatures, seed: model.sample(n, temperatures, seed),
+    one XLA program per batch size (as on a TPU). pixels: 'sample' or 'mode' (model.sample)."""
+    graph = tf.function(lambda n, temperatures, seed: model.sample(n, temperatures, seed, pixels),
                         autograph=False, reduce_retracing=False, jit_compile=jit_compile or None)
 
     def sample(n, temperature, seed):
@@ -151,11 +161,11 @@ def default_keep(model):
     return sorted({max(1, L * f // 8) for f in (0, 1, 2, 4, 6, 8)})
 
 
-def reconstructions(model, x_in, keep, temperature=0.1, seed=0):
+def reconstructions(model, x_in, keep, temperature=0.1, seed=0, pixels='sample'):
     """For each k in `keep`: images decoded from the first k posterior latents of x_in, the
     remaining layers drawn from the prior at `temperature`."""
     latents = model.posterior_latents(x_in, seed=[seed, 0])
-    return [model.decode_images(latents[:k], temperature=temperature, seed=[seed, k]).numpy()
+    return [model.decode_images(latents[:k], temperature=temperature, seed=[seed, k], pixels=pixels).numpy()
             for k in keep]
 
 
@@ -172,16 +182,22 @@ def rate_per_layer(model, x_in, batch, seed=0):
 
 def sample_grid(model, x_in, target, temperatures=(1.0, 0.9, 0.8), seed=0, title=None):
     """The training preview. Rows: data; reconstructions from the first 1, L/4, L/2 and L
-    posterior latents (the rest at temperature 0.1); samples at each temperature. `title`: a
-    line above it."""
-    keep = sorted({1, model.num_layers // 4, model.num_layers // 2, model.num_layers} - {0})
+    posterior latents (the rest at temperature 0.1), then the last of them with the most likely
+    pixels ('mode'); samples at each temperature, each followed by the same latents' mode
+    row. Sampled pixels are what the likelihood scores, mode rows what a reader recognises
+    early in training, when each pixel's distribution is still broad. `title`: a line above it."""
+    L = model.num_layers
+    keep = sorted({1, L // 4, L // 2, L} - {0})
     # The data row rounds: to_uint8 truncates like the official sampler, which would turn
     # 66 / 127.5 - 1 back into 65.
     data_row = np.round((np.asarray(target) + 1.) * 127.5).astype(np.uint8)
-    rows = [data_row] + reconstructions(model, x_in, keep, 0.1, seed)
-    rows += [model.sample(len(x_in), t, [seed, 1000 + i]).numpy() for i, t in enumerate(temperatures)]
     share = latent_share(model)
-    labels = ['data'] + [f'k={k} ({100 * share[k - 1]:.3g}%)' for k in keep] + [f't={t}' for t in temperatures]
+    rows = [data_row] + reconstructions(model, x_in, keep, 0.1, seed)
+    rows += reconstructions(model, x_in, [L], 0.1, seed, pixels='mode')
+    labels = ['data'] + [f'k={k} ({100 * share[k - 1]:.3g}%)' for k in keep] + [f'k={L}, mode']
+    for i, t in enumerate(temperatures):
+        rows += [model.sample(len(x_in), t, [seed, 1000 + i], pixels).numpy() for pixels in ('sample', 'mode')]
+        labels += [f't={t}', f't={t}, mode']
     size = model.hp.image_size
     image = labelled(grid(np.stack(rows)), left=labels, cell=(size, size), scale=max(1, 64 // size))
     return titled(image, title) if title else image
@@ -242,7 +258,7 @@ def temperatures_or_fail(default, model):
 
 def sample_mode(model, hp, folder):
     rows = temperatures_or_fail('1.0', model)
-    sampler, timings, images = make_sampler(model), [], []
+    sampler, timings, images = make_sampler(model, pixels=FLAGS.pixels), [], []
     for i, (_, temperature) in enumerate(rows):
         images.append(generate(sampler, FLAGS.n, temperature, FLAGS.seed + 7919 * i, FLAGS.batch, timings))
     per_row = min(FLAGS.nrow, FLAGS.n)
@@ -256,13 +272,51 @@ def sample_mode(model, hp, folder):
     if len(rows) > 1 or ':' in rows[0][0]:
         picture = labelled(picture, left=labels, cell=images[0].shape[1:3], scale=max(1, 64 // hp.image_size))
     name = re.sub(r'[^0-9a-z.=_-]+', '_', (FLAGS.temp or '1.0').lower())
-    path = output_path(folder, f'samples-t{name}-seed{FLAGS.seed}.png')
+    mode = '-mode' if FLAGS.pixels == 'mode' else ''
+    path = output_path(folder, f'samples-t{name}-seed{FLAGS.seed}{mode}.png')
     write_png(picture, path)
     steady = timings[1:] or timings          # the first batch also traces the graph
     rate = sum(n for n, _ in steady) / sum(t for _, t in steady)
     print(f'{FLAGS.n * len(rows)} samples in {sum(t for _, t in timings):.1f} s: {rate:.1f} images/s'
           f'{"" if len(timings) > 1 else " (including tracing)"}, first batch {timings[0][1]:.1f} s; '
           f'wrote {path}')
+
+
+def export_mode(model, hp, folder):
+    """--n samples at one temperature, as files an FID or precision/recall tool reads: a folder
+    of PNGs (000000.png, ...) or one .npz holding `samples`, uint8 (N, H, W, 3). Written
+    under a temporary name and renamed at the end, so an interrupted export leaves no
+    half-filled output that a metric would read as complete."""
+    rows = temperatures_or_fail('1.0', model)
+    if len(rows) > 1:
+        hparams.fail(f'--temp={FLAGS.temp}: --mode=export takes one temperature (or one schedule)')
+    tag = re.sub(r'[^0-9a-z.=_-]+', '_', (FLAGS.temp or '1.0').lower())
+    path = FLAGS.out or os.path.join(folder, 'figures', f'export-t{tag}-seed{FLAGS.seed}-n{FLAGS.n}'
+                                     + ('-mode' if FLAGS.pixels == 'mode' else ''))
+    if os.path.exists(path):
+        hparams.fail(f'{path} exists; --mode=export never writes into an existing file or folder '
+                     '(remove it or give another --out)')
+    sampler, timings = make_sampler(model, pixels=FLAGS.pixels), []
+    images = generate(sampler, FLAGS.n, rows[0][1], FLAGS.seed, FLAGS.batch, timings)
+    with checkpoints.writing(path, 'the samples', '; nothing was written'):
+        if path.endswith('.npz'):
+            buffer = io.BytesIO()
+            np.savez(buffer, samples=images)
+            checkpoints.write_whole(path, buffer.getvalue())
+        else:
+            part = path.rstrip('/') + '.part'
+            shutil.rmtree(part, ignore_errors=True)         # an earlier export that was cut off
+            try:
+                os.makedirs(part)
+                for i, image in enumerate(images):
+                    Image.fromarray(image).save(os.path.join(part, f'{i:06d}.png'))
+                os.rename(part, path)
+            except BaseException:
+                shutil.rmtree(part, ignore_errors=True)
+                raise
+    rate = sum(n for n, _ in timings) / sum(t for _, t in timings)
+    print(f'{len(images)} samples ({hp.image_size}x{hp.image_size}, t={rows[0][0]}, pixels {FLAGS.pixels}, '
+          f'seed {FLAGS.seed}) at {rate:.1f} images/s; wrote {path}')
 
 
 def reconstruct_mode(model, hp, folder):
@@ -275,14 +329,14 @@ def reconstruct_mode(model, hp, folder):
     temperature = temperatures_or_fail('0.1', model)[0][1]
     images = read_images(FLAGS.images, hp, FLAGS.n, FLAGS.data_dir)
     x_in, target = data.preprocess(images, hp)
-    parts = [reconstructions(model, x_in[s:s + FLAGS.batch], keep, temperature, FLAGS.seed + s)
+    parts = [reconstructions(model, x_in[s:s + FLAGS.batch], keep, temperature, FLAGS.seed + s, FLAGS.pixels)
              for s in range(0, len(images), FLAGS.batch)]
     columns = [images] + [np.concatenate([p[j] for p in parts]) for j in range(len(keep))]
     share = latent_share(model)
     top = ['data'] + [f'k={k}\n{100 * share[k - 1]:.3g}%' for k in keep]
     picture = labelled(grid(np.stack(columns, 1)), top=top, cell=images.shape[1:3],
                        scale=max(1, 64 // hp.image_size))
-    path = output_path(folder, f'reconstructions-seed{FLAGS.seed}.png')
+    path = output_path(folder, f'reconstructions-seed{FLAGS.seed}{"-mode" if FLAGS.pixels == "mode" else ""}.png')
     write_png(picture, path)
     for k in keep:
         print(f'k={k:4d}: first {k} of {model.num_layers} layers, {100 * share[k - 1]:.2f}% of the latent dimensions')
@@ -342,11 +396,15 @@ def main(_):
         hparams.fail('--ckpt is required: a run folder or a ckpt-N prefix')
     hparams.at_least(n=1, nrow=1, batch=1)
     unused = [name for name, modes in [('keep', ['reconstruct']), ('images', ['reconstruct', 'stats']),
-                                       ('temp', ['sample', 'reconstruct']),
+                                       ('temp', ['sample', 'reconstruct', 'export']),
                                        ('data_dir', ['reconstruct', 'stats'])]
               if FLAGS[name].value is not None and FLAGS.mode not in modes]
     if unused:
         hparams.fail(f'--{unused[0]} means nothing with --mode={FLAGS.mode}')
+    if FLAGS.pixels != 'sample' and FLAGS.mode == 'stats':
+        hparams.fail('--pixels means nothing with --mode=stats (it measures the rate, not pixels)')
+    if FLAGS.mode == 'export' and FLAGS.overwrite:
+        hparams.fail('--overwrite: --mode=export never replaces samples; remove the old ones or give another --out')
     ckpts = [c for c in FLAGS.ckpt.split(',') if c]
     if not ckpts:
         hparams.fail(f'--ckpt={FLAGS.ckpt} names no run folder or ckpt-N prefix')
@@ -364,7 +422,7 @@ def main(_):
         if FLAGS.mode == 'stats':
             stats_mode(runs)
         else:
-            dict(sample=sample_mode, reconstruct=reconstruct_mode)[FLAGS.mode](*runs[0])
+            dict(sample=sample_mode, reconstruct=reconstruct_mode, export=export_mode)[FLAGS.mode](*runs[0])
     except data.DataError as e:
         hparams.fail(e)
 

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -70,6 +71,17 @@ def define_flags():
     flags.DEFINE_integer('n_images', 0, 'with --test_eval: only the first N test images (0: all)')
 
 
+# --help's headings: the hyperparameters' (hparams.FIELD_GROUPS), with this script's flags.
+HELP_GROUPS = dict(hparams.FIELD_GROUPS)
+HELP_GROUPS['preset and data'] = HELP_GROUPS['preset and data'] + ['data_dir']
+HELP_GROUPS['training loop'] = HELP_GROUPS['training loop'] + [
+    'logdir', 'log_every', 'steps_per_call', 'save_every', 'keep_checkpoints', 'samples_every',
+    'max_skips_in_a_row']
+HELP_GROUPS['devices, precision and memory'] = ['strategy', 'tpu', 'precision', 'conv_precision',
+                                                'jit_compile', 'remat']
+HELP_GROUPS['evaluation'] = ['eval_every', 'test_eval', 'ckpt', 'iw_samples', 'n_images']
+
+
 # ---------------------------------------------------------------------------------------
 # Distribution strategy.
 
@@ -97,6 +109,36 @@ def make_strategy(name='auto', tpu='local'):
     if name == 'mirrored' or (name == 'auto' and len(tf.config.list_logical_devices('GPU')) > 1):
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def describe(strategy):
+    """What the run trains on, for its start line: the strategy and its devices."""
+    replicas = strategy.num_replicas_in_sync
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return f'TPUStrategy, {replicas} replicas (TPU cores)'
+    if isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
+        devices = [d.split('device:')[-1] for d in strategy.extended.worker_devices]
+        workers = ''
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            spec = strategy.cluster_resolver.cluster_spec().as_dict()
+            tasks = sum(len(spec.get(kind, ())) for kind in ('chief', 'worker')) or 1
+            workers = f' on {tasks} machines; this one has'
+        return f'{strategy.__class__.__name__}, {replicas} replica{"s" * (replicas > 1)}{workers} ({", ".join(devices)})'
+    gpus = tf.config.list_logical_devices('GPU')
+    if gpus:
+        return f'one GPU device ({gpus[0].name.split("device:")[-1]})'
+    return 'one CPU device (no GPU visible to TensorFlow)'
+
+
+def gpu_warning():
+    """A machine with an NVIDIA driver where TensorFlow sees no GPU: on Linux that is nearly
+    always TensorFlow without its CUDA libraries, and the run would train on the CPU unasked."""
+    driver = shutil.which('nvidia-smi') or (os.path.exists('/proc/driver/nvidia') and '/proc/driver/nvidia')
+    if not driver or tf.config.list_physical_devices('GPU'):
+        return None
+    return (f'warning: this machine has an NVIDIA driver ({driver}) but TensorFlow sees no GPU, so it '
+            'trains on the CPU. TensorFlow finds GPUs through its CUDA libraries, installed with '
+            'pip install -r requirements-gpu.txt (tensorflow[and-cuda]); or check CUDA_VISIBLE_DEVICES')
 
 
 def set_conv_precision(precision):
@@ -324,6 +366,8 @@ def run(_):
         strategy = make_strategy(FLAGS.strategy, FLAGS.tpu)
     except RuntimeError as e:
         hparams.fail(e)
+    if not isinstance(strategy, tf.distribute.TPUStrategy) and (warning := gpu_warning()):
+        print(warning, file=sys.stderr)
     if FLAGS.test_eval:
         test_eval(strategy)
         return
@@ -337,7 +381,8 @@ def run(_):
         check_run_folder(logdir, hp)
     replicas = strategy.num_replicas_in_sync
     print(f'{FLAGS.hparams}: {hp.batch_size} images per replica x {replicas} replicas = '
-          f'{hp.batch_size * replicas} per step, {strategy.__class__.__name__}, logdir {logdir}')
+          f'{hp.batch_size * replicas} per step, logdir {logdir}')
+    print(f'strategy: {describe(strategy)}')
 
     state = steps.create_state(hp, strategy, loss_scale=2. ** 15 if FLAGS.precision == 'mixed_float16' else 1.,
                          remat=FLAGS.remat)

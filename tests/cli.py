@@ -16,7 +16,7 @@ FORKED = ('train.py', 'sample.py', 'convert.py', 'compress.py', 'tests/storm.py'
 # Environment variables the scripts read after start-up (a fork sets them before `main`);
 # PYTHONUNBUFFERED the fork makes true itself. Any other (PYTHONPATH, TF_CPP_*: read by the
 # interpreter or TensorFlow's import) needs a fresh interpreter.
-READ_AFTER_START = {'TF_CONFIG', 'TPU_NAME', 'PYTHONUNBUFFERED'}
+READ_AFTER_START = {'TF_CONFIG', 'TPU_NAME', 'PYTHONUNBUFFERED', 'PATH'}     # PATH: train.py's nvidia-smi
 _servers = {}
 
 

@@ -110,3 +110,18 @@ def test_help_lists_every_hyperparameter_with_its_meaning_and_the_presets_values
     assert "Presets: cifar10 384, imagenet32 512, imagenet64 512, ffhq256 512, ffhq1024 16" in text
     assert "RmS = one block at R that upsamples resolution S" in text and 'override the preset' not in text
     assert set(hparams.MEANING) == {f.name for f in dataclasses.fields(hparams.HParams)}
+
+
+def test_train_help_groups_its_flags_under_headings_each_flag_once():
+    import re
+    import cli
+    out = cli.run('train.py', '--help').stdout
+    headings = re.findall(r'^(\S[^\n]*):$', out, re.M)
+    assert headings == ['flags (--helpfull: every flag, absl\'s too)', 'preset and data',
+                        'architecture (the paper\'s figure 3 and table 4)', 'optimiser (the update rule)',
+                        'training loop', 'devices, precision and memory', 'evaluation'], headings
+    listed = re.findall(r'^  --(?:\[no\])?(\w+):', out, re.M)
+    assert sorted(listed) == sorted(set(listed)) and set(listed) == set(cli.server('train.py').flags)
+    sections = dict(zip(headings[1:], re.split(r'^\S[^\n]*:$', out, flags=re.M)[2:]))
+    assert '--width:' in sections['architecture (the paper\'s figure 3 and table 4)']
+    assert '--lr:' in sections['optimiser (the update rule)'] and '--strategy:' in sections['devices, precision and memory']

@@ -145,6 +145,44 @@ def test_samples_follow_the_mixture_weights_and_stay_in_range():
     assert wide.min() == 0 and wide.max() == 255      # clipped, both ends reached
 
 
+def test_the_mode_image_is_the_dominant_components_coupled_means():
+    """dmol_mode: each pixel's most probable component at its mean, green and blue given red
+    (and green) through the coefficients, rounded to the nearest of the 256 levels."""
+    rng = np.random.default_rng(4)
+    m, shape = 3, (2, 8, 8)
+    params = _random_params(rng, shape, m)
+    logits = rng.normal(0., 1., shape + (m,)).astype(np.float32)
+    dominant = rng.integers(0, m, shape)
+    np.put_along_axis(logits, dominant[..., None], 20., -1)           # one component dominates
+    params[..., :m] = logits
+    rest = params[..., m:].reshape(shape + (3, 3 * m))
+    pick = lambda block: np.take_along_axis(block, dominant[..., None, None], -1)[..., 0]
+    means, coeffs = pick(rest[..., :m]), np.tanh(pick(rest[..., 2 * m:]))
+    r = np.clip(means[..., 0], -1, 1)
+    g = np.clip(means[..., 1] + coeffs[..., 0] * r, -1, 1)
+    b = np.clip(means[..., 2] + coeffs[..., 1] * r + coeffs[..., 2] * g, -1, 1)
+    expected = np.round((np.stack([r, g, b], -1) + 1.) * 127.5).astype(np.uint8)
+    mode = likelihood.dmol_mode(params).numpy()
+    assert mode.dtype == np.uint8 and mode.shape == shape + (3,)
+    np.testing.assert_array_equal(mode, expected)
+    # The component's scale does not move the mode; a sample from a broad component scatters.
+    rest[..., m:2 * m] = 2.
+    broad = np.concatenate([params[..., :m], rest.reshape(shape + (9 * m,))], -1)
+    np.testing.assert_array_equal(likelihood.dmol_mode(broad).numpy(), expected)
+    assert np.abs(model.dmol_sample(broad, seed=[1, 1]).numpy().astype(int) - expected).mean() > 20
+
+
+def test_the_mode_of_a_sharp_component_is_the_level_it_puts_most_mass_on():
+    """Rounding, not the sampler's truncation: a mean a third of a level below level v's
+    centre gives v."""
+    for level in (0, 1, 66, 127, 128, 254, 255):
+        v = (level - 0.3) / 127.5 - 1.
+        params = _one_component([v, v, v], -7., shape=(1, 256, 1))
+        assert (likelihood.dmol_mode(params).numpy() == level).all(), level
+        every_level = np.repeat(np.arange(256, dtype=np.float32)[None, :, None, None] / 127.5 - 1., 3, -1)
+        assert int(np.argmax(likelihood.dmol_log_probs(params, every_level).numpy()[0, :, 0])) == level
+
+
 def test_sampling_is_reproducible_by_seed():
     params = _random_params(np.random.default_rng(1), (2, 8, 8), 5)
     a = model.dmol_sample(params, seed=[7, 7]).numpy()

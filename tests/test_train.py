@@ -317,8 +317,43 @@ def test_a_tpu_that_does_not_start_is_one_line_and_auto_falls_back(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     said = [l for l in r.stderr.splitlines() if l.startswith('strategy:')]
     assert len(said) == 1 and 'the TPU (local) did not start' in said[0] and 'falling back' in said[0], said
-    assert '_DefaultDistributionStrategy' in r.stdout and 'done: 1 steps' in r.stdout
+    assert 'strategy: one CPU device (no GPU visible to TensorFlow)' in r.stdout and 'done: 1 steps' in r.stdout
 
+
+
+def _stub_nvidia_smi(folder):
+    folder.mkdir(exist_ok=True)
+    stub = folder / 'nvidia-smi'
+    stub.write_text('#!/bin/sh\necho "NVIDIA-SMI 550.54  Driver Version: 550.54  CUDA Version: 12.4"\n')
+    stub.chmod(0o755)
+    return str(folder)
+
+
+def test_a_driver_without_a_gpu_in_tensorflow_is_one_warning_with_the_install_line(tmp_path, monkeypatch):
+    """An NVIDIA driver (nvidia-smi on PATH) but no GPU in TensorFlow (here: none at all) means
+    TensorFlow without its CUDA libraries; the run says so once, and trains on the CPU."""
+    if os.path.exists('/proc/driver/nvidia') or tf.config.list_physical_devices('GPU'):
+        pytest.skip('this machine has an NVIDIA driver or a GPU of its own')
+    if train.shutil.which('nvidia-smi'):
+        pytest.skip('nvidia-smi is on this machine\'s PATH')
+    assert train.gpu_warning() is None
+    path = _stub_nvidia_smi(tmp_path / 'bin') + os.pathsep + os.environ['PATH']
+    monkeypatch.setenv('PATH', path)
+    assert 'requirements-gpu.txt' in train.gpu_warning() and 'nvidia-smi' in train.gpu_warning()
+    run = ['--hparams=tiny', '--steps=1', '--eval_every=0', '--samples_every=0']
+    r = cli.run('train.py', *run, f'--logdir={tmp_path / "a"}', env={'PATH': path})
+    assert r.returncode == 0, r.stderr[-2000:]
+    warnings = [l for l in r.stderr.splitlines() if l.startswith('warning:')]
+    assert len(warnings) == 1 and 'NVIDIA driver' in warnings[0] and 'pip install -r requirements-gpu.txt' in warnings[0]
+    assert 'strategy: one CPU device (no GPU visible to TensorFlow)' in r.stdout
+    r = cli.run('train.py', *run, f'--logdir={tmp_path / "b"}')
+    assert r.returncode == 0 and 'warning:' not in r.stderr and 'strategy: one CPU device' in r.stdout, r.stderr[-2000:]
+
+
+def test_the_start_line_names_the_strategy_and_its_devices():
+    assert train.describe(tf.distribute.get_strategy()) == 'one CPU device (no GPU visible to TensorFlow)'
+    two = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+    assert train.describe(two) == 'MirroredStrategy, 2 replicas (CPU:0, CPU:1)'
 
 
 def test_auto_tries_no_tpu_without_a_sign_of_one(monkeypatch, capsys):
