@@ -200,7 +200,7 @@ def sample_grid(model, x_in, target, temperatures=(1.0, 0.9, 0.8), seed=0, title
         labels += [f't={t}', f't={t}, mode']
     size = model.hp.image_size
     image = labelled(grid(np.stack(rows)), left=labels, cell=(size, size), scale=max(1, 64 // size))
-    return titled(image, title) if title else image
+    return titled(image, f'{title}; "mode" rows: most likely pixels, the others sampled') if title else image
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,6 +296,12 @@ def export_mode(model, hp, folder):
     if os.path.exists(path):
         hparams.fail(f'{path} exists; --mode=export never writes into an existing file or folder '
                      '(remove it or give another --out)')
+    parent = os.path.dirname(os.path.normpath(path)) or '.'
+    while not os.path.exists(parent):          # the nearest folder that exists must take files
+        parent = os.path.dirname(parent) or '.'
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        # Before the sampling, which may take hours, not after it.
+        hparams.fail(f'{path}: cannot write there ({parent} is {"not a folder" if not os.path.isdir(parent) else "not writable"})')
     sampler, timings = make_sampler(model, pixels=FLAGS.pixels), []
     images = generate(sampler, FLAGS.n, rows[0][1], FLAGS.seed, FLAGS.batch, timings)
     with checkpoints.writing(path, 'the samples', '; nothing was written'):

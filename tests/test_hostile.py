@@ -100,7 +100,8 @@ TRAIN = dict(FIELDS, hparams=not_in(hparams.PRESETS), logdir=st.sampled_from([''
              eval_every=below(0), samples_every=below(0), max_skips_in_a_row=below(0))
 TRAIN_EVAL = dict(ckpt=MISSING, iw_samples=below(0), n_images=below(0))     # flags of --test_eval
 
-SAMPLE = dict(ckpt=MISSING, mode=not_in(['sample', 'reconstruct', 'stats']),
+SAMPLE = dict(ckpt=MISSING, mode=not_in(['sample', 'reconstruct', 'stats', 'export']),
+              pixels=not_in(['sample', 'mode']),
               temp=st.sampled_from(['', 'abc', '-1', '0', 'nan', 'inf', '1,,2', ';', 'ramp:', 'ramp:0.5',
                                     'res:4=x', 'res:3=0.5', 'layers:0.9', '0.5:1']) | NOT_FLOAT,
               n=below(1), nrow=below(1), seed=NOT_INT, batch=below(1), hparams=not_in(hparams.PRESETS) | st.just('demo'),
@@ -108,6 +109,9 @@ SAMPLE = dict(ckpt=MISSING, mode=not_in(['sample', 'reconstruct', 'stats']),
               data_dir=st.sampled_from(['', 'nowhere']))
 SAMPLE_RECONSTRUCT = dict(keep=st.sampled_from(['', 'a', '0', '-1', '1,,2', '11', '1.5', '2,x']),
                           images=st.sampled_from(['', 'nowhere', 'junk.bin', 'notes.txt', 'run']))
+
+SAMPLE_EXPORT = dict(out=st.sampled_from(['existing.png', 'run', 'junk.bin/x.npz', 'junk.bin/pngs']),
+                     overwrite=st.just('true'))
 
 CONVERT_IMPORT = dict(FIELDS, dataset=not_in(['mnist5k']).filter(lambda s: not s.startswith(('folder:', 'npy:'))),
                       hparams=not_in(hparams.PRESETS) | st.just('demo'),
@@ -127,6 +131,7 @@ COMMANDS = {
     'sample': ('sample.py', ['--ckpt=run', '--n=2', '--out=new.png'], SAMPLE),
     'sample --mode=reconstruct': ('sample.py', ['--ckpt=run', '--mode=reconstruct', '--n=2', '--out=new.png'],
                                   SAMPLE_RECONSTRUCT),
+    'sample --mode=export': ('sample.py', ['--ckpt=run', '--mode=export', '--n=2', '--out=new.npz'], SAMPLE_EXPORT),
     'convert': ('convert.py', [f'--torch_ckpt={OFFICIAL}', '--hparams=tiny', '--out=new'], CONVERT_IMPORT),
     'convert --export': ('convert.py', ['--export', '--ckpt=run', '--out=new.th'], CONVERT_EXPORT),
 }
@@ -186,7 +191,7 @@ def test_an_invalid_flag_is_one_error_line_and_writes_nothing(folder, command, f
     try:
         check()
     finally:        # what a wrongly accepted value wrote would fail every later case
-        for name in ('new', 'new.png', 'new.csv', 'new.th'):
+        for name in ('new', 'new.png', 'new.csv', 'new.th', 'new.npz'):
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
             if os.path.isfile(os.path.join(folder, name)):
                 os.remove(os.path.join(folder, name))
