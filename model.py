@@ -320,6 +320,17 @@ class VDVAE(keras.Model):
         self.num_layers = len(self.decoder.blocks)
         self.built = True
 
+    @classmethod
+    def from_preset(cls, preset, cache_dir=None, url=None, **overrides):
+        """The paper preset's model holding the official release's EMA weights, downloaded once
+        into `cache_dir` (default ~/.keras/vdvae); `url`: another official-format file. Field
+        `overrides` change the configuration (the file must fit it)."""
+        import hparams
+        import official      # the release's files and format: only this needs them
+        model = cls(hparams.load(preset, **overrides))
+        official.load_file(model, official.fetch(preset, cache_dir, url))
+        return model
+
     def call(self, inputs, seed=None):
         return self.losses_per_image(*inputs, seed=seed)
 

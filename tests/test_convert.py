@@ -2,7 +2,7 @@
 torch; the file format checked against torch itself where torch is installed.
 
 The official layout is written out here a second time from the spec's description (its
-"Official checkpoint format" section), not taken from convert.official_layout, so the two
+"Official checkpoint format" section), not taken from official.py's official_layout, so the two
 check each other; the genuine official file of tests/data/official_case checks both."""
 import dataclasses
 import json
@@ -15,6 +15,7 @@ import tensorflow as tf
 import checkpoints
 import cli
 import convert
+import official
 import hparams
 from hparams import parse_blocks
 import model as vdvae
@@ -118,9 +119,9 @@ def _case(official_data):
 
 def test_the_spec_layout_is_the_genuine_official_files_and_convert_uses_it(official_data):
     hp, path = _case(official_data)
-    official = convert.read_state_dict(path)
-    assert [(k, v.shape) for k, v in official.items()] == list(spec_shapes(hp).items())
-    assert [row[0] for row in convert.official_layout(vdvae.VDVAE(hp))] == list(official)
+    released = official.read_state_dict(path)
+    assert [(k, v.shape) for k, v in released.items()] == list(spec_shapes(hp).items())
+    assert [row[0] for row in official.official_layout(vdvae.VDVAE(hp))] == list(released)
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,28 +132,28 @@ def test_the_spec_layout_is_the_genuine_official_files_and_convert_uses_it(offic
 def test_export_write_read_import_is_exact_for_every_variable(config, tmp_path):
     hp = hparams.load('tiny', **CONFIGS[config])
     source, target = vdvae.VDVAE(hp), vdvae.VDVAE(hp)
-    convert.load_official(source, _random_state_dict(hp, 1))
-    exported = convert.export_official(source)
-    assert list(exported) == list(spec_shapes(hp)) == [row[0] for row in convert.official_layout(source)]
+    official.load_official(source, _random_state_dict(hp, 1))
+    exported = official.export_official(source)
+    assert list(exported) == list(spec_shapes(hp)) == [row[0] for row in official.official_layout(source)]
     expected = official_view(source, _weights(source))
     for key, shape in spec_shapes(hp).items():
         assert exported[key].dtype == np.float32 and exported[key].shape == shape, key
         np.testing.assert_array_equal(exported[key], expected[key], err_msg=key)
-    convert.write_state_dict(exported, str(tmp_path / 'out.th'))
-    back = convert.read_state_dict(str(tmp_path / 'out.th'))
+    official.write_state_dict(exported, str(tmp_path / 'out.th'))
+    back = official.read_state_dict(str(tmp_path / 'out.th'))
     assert list(back) == list(exported)
-    convert.load_official(target, back)      # a fresh model: different random weights before
+    official.load_official(target, back)      # a fresh model: different random weights before
     for a, b in zip(source.weights, target.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
-    with pytest.raises(convert.CheckpointError, match='exists; not overwriting'):
-        convert.write_state_dict(exported, str(tmp_path / 'out.th'))
+    with pytest.raises(official.CheckpointError, match='exists; not overwriting'):
+        official.write_state_dict(exported, str(tmp_path / 'out.th'))
 
 
 def test_every_imported_tensor_reaches_the_output():
     hp = hparams.load('tiny')
     m = vdvae.VDVAE(hp)
     state_dict = _random_state_dict(hp, 2)
-    convert.load_official(m, state_dict)
+    official.load_official(m, state_dict)
     x = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)).astype(np.float32)
     with tf.GradientTape() as tape:
         loss = tf.reduce_mean(m.losses_per_image(x / 64. - 2., x / 127.5 - 1., seed=[0, 1])['elbo'])
@@ -165,24 +166,24 @@ def test_every_imported_tensor_reaches_the_output():
 @pytest.mark.parametrize('variant', [dict(unpool='learned'), dict(top_down_block='ffn')])
 def test_figure_5_variants_are_refused_both_ways_the_official_code_has_neither(variant):
     m = vdvae.VDVAE(hparams.load('tiny', **variant))
-    for convert_it in (lambda: convert.load_official(m, _random_state_dict(hparams.load('tiny'), 0)),
-                       lambda: convert.export_official(m)):
-        with pytest.raises(convert.CheckpointError, match='figure-5 variant the official code does not have'):
+    for convert_it in (lambda: official.load_official(m, _random_state_dict(hparams.load('tiny'), 0)),
+                       lambda: official.export_official(m)):
+        with pytest.raises(official.CheckpointError, match='figure-5 variant the official code does not have'):
             convert_it()
 
 
 def test_load_refuses_missing_extra_and_misshapen_tensors_by_name(official_data):
     hp, path = _case(official_data)
-    good, m = convert.read_state_dict(path), vdvae.VDVAE(hp)
+    good, m = official.read_state_dict(path), vdvae.VDVAE(hp)
     missing = {k: v for k, v in good.items() if k != 'decoder.dec_blocks.3.prior.c2.bias'}
-    with pytest.raises(convert.CheckpointError, match=r'missing decoder\.dec_blocks\.3\.prior\.c2\.bias$'):
-        convert.load_official(m, missing)
-    with pytest.raises(convert.CheckpointError, match=r'unexpected decoder\.extra$'):
-        convert.load_official(m, dict(good, **{'decoder.extra': good['decoder.gain']}))
+    with pytest.raises(official.CheckpointError, match=r'missing decoder\.dec_blocks\.3\.prior\.c2\.bias$'):
+        official.load_official(m, missing)
+    with pytest.raises(official.CheckpointError, match=r'unexpected decoder\.extra$'):
+        official.load_official(m, dict(good, **{'decoder.extra': good['decoder.gain']}))
     for shape in [(32, 4, 1), (33, 4, 1, 1)]:
         bad = dict(good, **{'decoder.dec_blocks.5.z_proj.weight': np.zeros(shape, np.float32)})
-        with pytest.raises(convert.CheckpointError, match=r'z_proj\.weight has shape .* need \(32, 4, 1, 1\)'):
-            convert.load_official(m, bad)
+        with pytest.raises(official.CheckpointError, match=r'z_proj\.weight has shape .* need \(32, 4, 1, 1\)'):
+            official.load_official(m, bad)
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def test_import_writes_a_run_folder_holding_the_official_weights(imported):
     assert f'350 tensors, {vdvae.count_params(vdvae.VDVAE(hp)):,} parameters' in stdout
     assert json.load(open(os.path.join(folder, 'hparams.json'))) == dataclasses.asdict(hp)
     direct = vdvae.VDVAE(hp)
-    convert.load_official(direct, convert.read_state_dict(path))
+    official.load_official(direct, official.read_state_dict(path))
     ema, _, _, ckpt, step = checkpoints.load(folder)
     raw = checkpoints.load(folder, which='weights')[0]
     assert ckpt == os.path.join(folder, 'ckpt', 'ckpt-0') and step == 0
@@ -238,11 +239,11 @@ def test_export_gives_back_the_official_file_bit_for_bit(imported, tmp_path):
     r = cli.run('convert.py', '--export', f'--ckpt={folder}', f'--out={out}')
     assert r.returncode == 0, r.stderr[-2000:]
     assert f'wrote {out}' in r.stdout and '350 tensors' in r.stdout
-    official, exported = convert.read_state_dict(path), convert.read_state_dict(out)
-    assert list(exported) == list(official)
-    for key in official:
-        assert exported[key].dtype == official[key].dtype, key
-        np.testing.assert_array_equal(exported[key], official[key], err_msg=key)
+    released, exported = official.read_state_dict(path), official.read_state_dict(out)
+    assert list(exported) == list(released)
+    for key in released:
+        assert exported[key].dtype == released[key].dtype, key
+        np.testing.assert_array_equal(exported[key], released[key], err_msg=key)
     before = os.path.getmtime(out)
     r = cli.run('convert.py', '--export', f'--ckpt={folder}', f'--out={out}')
     assert 'exists; not overwriting' in cli.error_line(r)
@@ -263,7 +264,7 @@ def test_import_refuses_a_folder_that_holds_a_checkpoint(imported):
     ('shape', 'decoder.dec_blocks.5.z_proj.weight')])
 def test_import_cli_names_the_key_of_a_checkpoint_that_does_not_fit(official_data, tmp_path, fault, key):
     hp, path = _case(official_data)
-    state_dict = convert.read_state_dict(path)
+    state_dict = official.read_state_dict(path)
     if fault == 'missing':
         del state_dict[key]
     elif fault == 'extra':
@@ -271,7 +272,7 @@ def test_import_cli_names_the_key_of_a_checkpoint_that_does_not_fit(official_dat
     else:
         state_dict[key] = state_dict[key].reshape(16, 8, 1, 1)
     bad = str(tmp_path / 'bad.th')
-    convert.write_state_dict(state_dict, bad)
+    official.write_state_dict(state_dict, bad)
     r = cli.run('convert.py', f'--torch_ckpt={bad}', f'--out={tmp_path / "run"}', *_hparams_flags(hp))
     line = cli.error_line(r)
     assert line.startswith(f'error: {bad}: ') and key in line, line
@@ -280,17 +281,17 @@ def test_import_cli_names_the_key_of_a_checkpoint_that_does_not_fit(official_dat
 
 def test_the_model_file_gives_the_weights_to_train_on_and_export_can_write_them(official_data, tmp_path):
     hp, path = _case(official_data)
-    raw_dict = {k: v + np.float32(0.5) for k, v in convert.read_state_dict(path).items()}
+    raw_dict = {k: v + np.float32(0.5) for k, v in official.read_state_dict(path).items()}
     raw_path, folder = str(tmp_path / 'raw.th'), str(tmp_path / 'run')
-    convert.write_state_dict(raw_dict, raw_path)
+    official.write_state_dict(raw_dict, raw_path)
     ckpt, tensors, _ = convert.import_run(hp, folder, path, raw_path)
     assert tensors == 350 and ckpt.endswith('ckpt-0')
-    assert _same(convert.export_official(checkpoints.load(folder)[0]), convert.read_state_dict(path))
-    assert _same(convert.export_official(checkpoints.load(folder, which='weights')[0]), raw_dict)
+    assert _same(official.export_official(checkpoints.load(folder)[0]), official.read_state_dict(path))
+    assert _same(official.export_official(checkpoints.load(folder, which='weights')[0]), raw_dict)
     out = str(tmp_path / 'raw-again.th')
     r = cli.run('convert.py', '--export', '--weights=model', f'--ckpt={ckpt}', f'--out={out}')
     assert r.returncode == 0, r.stderr[-2000:]
-    assert _same(convert.read_state_dict(out), raw_dict)
+    assert _same(official.read_state_dict(out), raw_dict)
 
 
 def _same(a, b):
@@ -320,7 +321,7 @@ def test_a_state_dict_saved_by_torch_imports_exactly(prefix, tmp_path):
         tensors[prefix + k] = shared[start:end]
     torch.save(tensors, str(tmp_path / 'torch.th'))
     m = vdvae.VDVAE(hp)
-    convert.load_official(m, convert.read_state_dict(str(tmp_path / 'torch.th')))
+    official.load_official(m, official.read_state_dict(str(tmp_path / 'torch.th')))
     ours = official_view(m, _weights(m))
     assert set(ours) == set(arrays)
     for key, t in tensors.items():
@@ -331,9 +332,9 @@ def test_torch_load_reads_our_export_exactly(tmp_path):
     torch = pytest.importorskip('torch')
     hp = hparams.load('tiny', **CONFIGS['custom'])
     m = vdvae.VDVAE(hp)
-    convert.load_official(m, _random_state_dict(hp, 4))
+    official.load_official(m, _random_state_dict(hp, 4))
     path = str(tmp_path / 'ours.th')
-    convert.write_state_dict(convert.export_official(m), path)
+    official.write_state_dict(official.export_official(m), path)
     expected = official_view(m, _weights(m))
     for mmap in (False, True):
         loaded = torch.load(path, weights_only=True, mmap=mmap)

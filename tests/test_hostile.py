@@ -117,6 +117,8 @@ CONVERT_IMPORT = dict(FIELDS, dataset=not_in(['mnist5k']).filter(lambda s: not s
                       hparams=not_in(hparams.PRESETS) | st.just('demo'),
                       torch_ckpt=MISSING | st.just('existing.png'), torch_ckpt_model=MISSING,
                       out=st.sampled_from(['', 'junk.bin', 'run']))
+CONVERT_PRESET = dict(preset=not_in(hparams.PRESETS), cache_dir=st.sampled_from(['', 'junk.bin', 'existing.png']),
+                      url=st.sampled_from(['', 'nowhere', 'file:///no/such.th', 'http://']))
 CONVERT_EXPORT = dict(export=NOT_BOOL, ckpt=MISSING, weights=not_in(['ema', 'model']),
                       out=st.sampled_from(['', 'existing.png', 'junk.bin/x.th']))
 
@@ -133,6 +135,8 @@ COMMANDS = {
                                   SAMPLE_RECONSTRUCT),
     'sample --mode=export': ('sample.py', ['--ckpt=run', '--mode=export', '--n=2', '--out=new.npz'], SAMPLE_EXPORT),
     'convert': ('convert.py', [f'--torch_ckpt={OFFICIAL}', '--hparams=tiny', '--out=new'], CONVERT_IMPORT),
+    'convert --preset': ('convert.py', ['--preset=tiny', f'--url=file://{OFFICIAL}', '--cache_dir=cache', '--out=new'],
+                         CONVERT_PRESET),
     'convert --export': ('convert.py', ['--export', '--ckpt=run', '--out=new.th'], CONVERT_EXPORT),
 }
 CASES = [(command, flag) for command, (_, _, table) in COMMANDS.items() for flag in table]
@@ -191,7 +195,7 @@ def test_an_invalid_flag_is_one_error_line_and_writes_nothing(folder, command, f
     try:
         check()
     finally:        # what a wrongly accepted value wrote would fail every later case
-        for name in ('new', 'new.png', 'new.csv', 'new.th', 'new.npz'):
+        for name in ('new', 'new.png', 'new.csv', 'new.th', 'new.npz', 'cache'):
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
             if os.path.isfile(os.path.join(folder, name)):
                 os.remove(os.path.join(folder, name))

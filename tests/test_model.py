@@ -177,13 +177,13 @@ def test_custom_widths_pad_channels_and_build():
 
 @pytest.mark.smoke
 def test_official_checkpoint_reproduces_the_official_outputs(official_data):
-    import convert
+    import official
     case_dir = os.path.join(official_data, 'official_case')
     cfg = json.load(open(os.path.join(case_dir, 'hparams.json')))
     keys = ('width', 'zdim', 'bottleneck_multiple', 'num_mixtures', 'no_bias_above',
             'enc_blocks', 'dec_blocks', 'custom_width_str', 'image_size', 'low_bit')
     m = model.VDVAE(hparams.load('tiny', **{k: cfg[k] for k in keys}))
-    convert.load_official(m, convert.read_state_dict(os.path.join(case_dir, 'official.th')))
+    official.load_official(m, official.read_state_dict(os.path.join(case_dir, 'official.th')))
     case = np.load(os.path.join(case_dir, 'case.npz'))
     latents = [case[f'z{i}'] for i in range(m.num_layers)]
     np.testing.assert_allclose(m.decode(latents).numpy(), case['params'], atol=1e-5)

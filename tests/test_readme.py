@@ -15,7 +15,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from typing import NamedTuple
 
 import pytest
@@ -60,8 +59,6 @@ class Plan(NamedTuple):
 
 
 STEPS = ('--steps=2', '--eval_every=0', '--samples_every=2')   # evaluation: the --test_eval lines
-OFFICIAL = 'https://openaipublic.blob.core.windows.net/very-deep-vaes-assets/'
-CIFAR10_EMA = 'vdvae-assets-2/cifar10-seed0-iter-900000-model-ema.th'
 NO_NETWORK = r'not prepared in tfds, and tfds cannot download it: no network'
 PLANS = {
     # Install. The clone and the venv run in test_the_readme_clone_and_venv_lines_work; the
@@ -81,11 +78,11 @@ PLANS = {
                             'runs/demo/log.jsonl')),
     'python sample.py --ckpt=runs/demo --temp=0.85': Plan(makes=('runs/demo/figures/samples-t0.85-seed0.png',)),
     'python train.py --help': Plan(status=1),
-    # Pretrained models: the download from a file:// copy of the release (the official test
-    # case's checkpoint, under the released name), imported in the test case's tiny shape.
-    f'curl -LO {OFFICIAL}{CIFAR10_EMA}': 'download',
-    'python convert.py --torch_ckpt=cifar10-seed0-iter-900000-model-ema.th --hparams=cifar10 --out=runs/cifar10-official': Plan(
-        extra=tuple(case_flags()), makes=('runs/cifar10-official/hparams.json',)),
+    # Pretrained models: the download from a file:// URL (the official test case's checkpoint:
+    # the same code as https, tests/test_release.py), imported in the test case's tiny shape.
+    'python convert.py --preset=cifar10 --out=runs/cifar10-official': Plan(
+        extra=(f'--url=file://{os.path.join(CASE, "official.th")}', '--cache_dir=cache') + tuple(case_flags()),
+        makes=('runs/cifar10-official/hparams.json', 'cache/official.th')),
     'python sample.py --ckpt=runs/cifar10-official --temp=0.85': Plan(
         makes=('runs/cifar10-official/figures/samples-t0.85-seed0.png',)),
     'python train.py --test_eval --ckpt=runs/cifar10-official': Plan(
@@ -136,12 +133,11 @@ PLANS = {
         replace=(('--presets=cifar10', '--presets=tiny'),), extra=('--steps=1', '--batch=2', '--eval_batch=2'),
         prints=r'tiny +sample +2 .*\n.*\n\{"machine"'),
 }
-NOT_RUN_HERE = ('ci', 'ci-tpu', 'pinned', 'shell', 'gpu', 'download')
+NOT_RUN_HERE = ('ci', 'ci-tpu', 'pinned', 'shell', 'gpu')
 # The commands that make the run folders (and files) the others read.
 MAKERS = {'runs/demo': 'python train.py --hparams=demo',
           'digits.vdvae': 'python compress.py --ckpt=runs/demo --images=my_digits/ --out=digits.vdvae',
-          'runs/cifar10-official': 'python convert.py --torch_ckpt=cifar10-seed0-iter-900000-model-ema.th '
-                                   '--hparams=cifar10 --out=runs/cifar10-official'}
+          'runs/cifar10-official': 'python convert.py --preset=cifar10 --out=runs/cifar10-official'}
 
 
 def as_run_here(command):
@@ -168,19 +164,6 @@ def run(command, folder):
     return r
 
 
-def download(folder):
-    """The README's download line with the release's address swapped for a file:// copy of it
-    (the official test case's checkpoint under the released name): curl's own path, offline."""
-    command = next(c for c in PLANS if PLANS[c] == 'download')
-    release = folder / 'release'
-    (release / os.path.dirname(CIFAR10_EMA)).mkdir(parents=True, exist_ok=True)
-    shutil.copy(os.path.join(CASE, 'official.th'), release / CIFAR10_EMA)
-    r = subprocess.run(shlex.split(command.replace(OFFICIAL, f'file://{release}/')), cwd=folder,
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert (folder / os.path.basename(CIFAR10_EMA)).read_bytes() == (release / CIFAR10_EMA).read_bytes()
-
-
 def made(folder, run_folder):
     """`folder` once the README command that makes `run_folder` (one of MAKERS) has run:
     once for all test processes, each run folder under a lock of its own so that two can be
@@ -190,8 +173,6 @@ def made(folder, run_folder):
         fcntl.flock(lock, fcntl.LOCK_EX)
         marker = folder / f'{run_folder.replace("/", "-")}.made'
         if not marker.exists():
-            if run_folder == 'runs/cifar10-official':
-                download(folder)
             run(MAKERS[run_folder], folder)
             if run_folder == 'runs/cifar10-official':
                 # Fine-tuning writes checkpoints; the other commands read the import as made.
