@@ -47,7 +47,7 @@ import bench_quality
 import data
 import hparams
 import model as vdvae
-import sample
+import sampling
 import steps
 
 flags.DEFINE_list('presets', ['cifar10', 'imagenet32'], 'presets to measure')
@@ -173,7 +173,7 @@ def bench_eval(model, hp, batch, repeats, jit_compile=False, profile=None):
 
 def bench_sampling(model, batch, repeats, jit_compile=False, profile=None):
     """sample.py's sampler at temperature 0.85."""
-    sampler = sample.make_sampler(model, jit_compile)
+    sampler = sampling.make_sampler(model, jit_compile)
     first, steady = timed(lambda: sampler(batch, 0.85, [0, 0]).numpy(), repeats, profile)
     return dict(first=first, step=steady, img_s=batch / steady, peak_gb=peak_rss_gb())
 

@@ -19,7 +19,6 @@ import data
 import hparams
 import model as vdvae
 import steps
-import train
 
 # --learn: does training learn at the official code's speed? The same small configuration,
 # trained by train.py's own loop on the mnist5k digits, against the official code's
@@ -57,8 +56,8 @@ def learn(total_steps, every, n_images=None):
         hparams.progress(f'step {step}', step, total_steps, t0, every=30.)
         if step % every and step < total_steps:
             continue
-        train.copy_ema(state, ema_model)
-        raw, ema = (train.evaluate(e, data.eval_dataset(hp, 'valid', strategy, n_images=n))['bits_per_dim']
+        steps.copy_ema(state, ema_model)
+        raw, ema = (steps.evaluate(e, data.eval_dataset(hp, 'valid', strategy, n_images=n))['bits_per_dim']
                     for e in (raw_eval, ema_eval))
         official = OFFICIAL_LEARN.get(step)
         rows.append(dict(step=step, raw=raw, ema=ema, official=official, skipped=int(state.skipped.numpy()),

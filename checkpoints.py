@@ -239,3 +239,28 @@ def check_preset(hp, preset):
     if diff:
         hparams.fail(f'the checkpoint is not a {preset} model: {", ".join(diff)} differ; '
                      'drop --hparams (the checkpoint knows its own)')
+
+
+# ---------------------------------------------------------------------------------------
+# Run folders: hparams.json fixes what a folder holds, so resuming cannot mix configurations.
+
+# What a resumed run may change: how long it goes on, and the remedies for a stalled or
+# diverging run. Anything else would make it another run.
+RESUMABLE_WITH = ('steps', 'lr', 'grad_clip', 'skip_threshold')
+
+
+def check_run_folder(logdir, hp):
+    path = os.path.join(logdir, 'hparams.json')
+    mine = dataclasses.asdict(hp)
+    if tf.io.gfile.exists(path):
+        theirs = json.loads(tf.io.gfile.GFile(path).read())
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if set(diff) - set(RESUMABLE_WITH):
+            hparams.fail(f'{logdir} holds a run with other hyperparameters '
+                         f'({", ".join(k for k in diff if k not in RESUMABLE_WITH)}); pass the same flags '
+                         f'to resume (only {", ".join(RESUMABLE_WITH)} may change), or another folder')
+        for k in diff:
+            print(f'resuming with {k}={mine[k]} (the run had {theirs[k]})')
+    # Written on every start, even unchanged: a folder we cannot write is found before training.
+    with writing(logdir, 'the run folder', '; nothing in it was changed'):
+        write_whole(path, json.dumps(mine, indent=1))

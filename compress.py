@@ -41,7 +41,6 @@ import data
 from figures import write_png
 import hparams
 import model as vdvae
-import sample
 
 CONSTRICTION = 'constriction==0.5.0'
 MAGIC, VERSION = b'VDVAEBB', 1
@@ -355,7 +354,10 @@ def compress_main(model, hp):
     if FLAGS.grid <= 0 or FLAGS.skip_kl < 0:
         hparams.fail(f'--grid={FLAGS.grid} must be positive and --skip_kl={FLAGS.skip_kl} not negative')
     _refuse_existing(FLAGS.out)
-    images = sample.read_images(FLAGS.images, hp, 2 ** 31)
+    try:
+        images = data.read_images(FLAGS.images, hp, 2 ** 31)
+    except data.DataError as e:
+        hparams.fail(e)
     if not len(images):
         hparams.fail(f'--images={FLAGS.images}: no images in it')
     blob, stats = compress(model, images, FLAGS.batch, FLAGS.grid, FLAGS.skip_kl)

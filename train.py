@@ -25,7 +25,7 @@ import data
 import figures
 import hparams
 import model as vdvae
-import sample
+import sampling
 import steps
 
 FLAGS = flags.FLAGS
@@ -148,26 +148,7 @@ def set_conv_precision(precision):
 
 
 # ---------------------------------------------------------------------------------------
-# Evaluation over a dataset, with steps.py's eval steps; the preview grids' images.
-
-
-def evaluate(eval_step, dataset, total=None, label='eval', stop=None):
-    """Average per-image nats/dim over one pass of `dataset`; bits/dim alongside. None if
-    stop() turns true before the pass ends (a preempted run abandons its evaluation)."""
-    sums, t0 = {}, time.time()
-    with data.clear_errors():
-        for i, batch in enumerate(dataset):
-            if stop and stop():
-                return None
-            for k, v in eval_step(*batch, batch=i).items():
-                sums[k] = sums.get(k, 0.) + float(v)
-            if total:
-                hparams.progress(label, sums['images'] + sums['nonfinite'], total, t0, every=30.)
-    n = max(sums.get('images', 0.), 1.)
-    out = {k: sums.get(k, 0.) / n for k in ('elbo', 'distortion', 'rate') if k in sums}
-    out.update(bits_per_dim=out['elbo'] / math.log(2), images=int(sums.get('images', 0)),
-               nonfinite=int(sums.get('nonfinite', 0)))
-    return out
+# The preview grids' images.
 
 
 def preview_images(hp, data_dir=None):
@@ -176,11 +157,6 @@ def preview_images(hp, data_dir=None):
     n_valid = data.split_size(hp.dataset, 'valid', hp.image_size, data_dir)
     images = data.load_split(hp.dataset, 'valid', hp.image_size, data_dir)
     return data.preprocess(next(iter(images.shard(max(n_valid // 8, 1), 0).batch(8))), hp)
-
-
-def copy_ema(state, eval_model):
-    for e, v in zip(state.ema, eval_model.weights):
-        v.assign(e)
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,32 +230,6 @@ class Log:
 
 
 # ---------------------------------------------------------------------------------------
-# Run folders: hparams.json fixes what a folder holds, so resuming cannot mix configurations.
-
-
-# What a resumed run may change: how long it goes on, and the remedies for a stalled or
-# diverging run. Anything else would make it another run.
-RESUMABLE_WITH = ('steps', 'lr', 'grad_clip', 'skip_threshold')
-
-
-def check_run_folder(logdir, hp):
-    path = os.path.join(logdir, 'hparams.json')
-    mine = dataclasses.asdict(hp)
-    if tf.io.gfile.exists(path):
-        theirs = json.loads(tf.io.gfile.GFile(path).read())
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        if set(diff) - set(RESUMABLE_WITH):
-            hparams.fail(f'{logdir} holds a run with other hyperparameters '
-                         f'({", ".join(k for k in diff if k not in RESUMABLE_WITH)}); pass the same flags '
-                         f'to resume (only {", ".join(RESUMABLE_WITH)} may change), or another folder')
-        for k in diff:
-            print(f'resuming with {k}={mine[k]} (the run had {theirs[k]})')
-    # Written on every start, even unchanged: a folder we cannot write is found before training.
-    with checkpoints.writing(logdir, 'the run folder', '; nothing in it was changed'):
-        checkpoints.write_whole(path, json.dumps(mine, indent=1))
-
-
-# ---------------------------------------------------------------------------------------
 
 
 def test_eval(strategy):
@@ -295,15 +245,15 @@ def test_eval(strategy):
     hp = hp.replace(batch_size=FLAGS.batch_size or hp.batch_size)
     total = data.split_size(hp.dataset, 'test', hp.image_size, FLAGS.data_dir)
     n = min(FLAGS.n_images, total) if FLAGS.n_images else total
-    result = evaluate(steps.make_eval_step(model, hp, strategy, FLAGS.jit_compile),
-                      data.eval_dataset(hp, 'test', strategy, FLAGS.data_dir, n), n, 'test')
+    result = steps.evaluate(steps.make_eval_step(model, hp, strategy, FLAGS.jit_compile),
+                            data.eval_dataset(hp, 'test', strategy, FLAGS.data_dir, n), n, 'test')
     excluded = f', {result["nonfinite"]} non-finite excluded' if result['nonfinite'] else ''
     print(f'test {hp.dataset}: {result["elbo"]:.4f} nats/dim = {result["bits_per_dim"]:.4f} '
           f'bits/dim over {result["images"]} images (EMA weights, step {step}'
           f'{excluded})')
     if FLAGS.iw_samples:
-        iw = evaluate(steps.make_iw_eval_step(model, hp, strategy, FLAGS.iw_samples, FLAGS.jit_compile),
-                      data.eval_dataset(hp, 'test', strategy, FLAGS.data_dir, n), n, f'IW K={FLAGS.iw_samples}')
+        iw = steps.evaluate(steps.make_iw_eval_step(model, hp, strategy, FLAGS.iw_samples, FLAGS.jit_compile),
+                            data.eval_dataset(hp, 'test', strategy, FLAGS.data_dir, n), n, f'IW K={FLAGS.iw_samples}')
         excluded = f', {iw["nonfinite"]} non-finite excluded' if iw['nonfinite'] else ''
         print(f'test {hp.dataset}: importance-weighted bound, K={FLAGS.iw_samples}: {iw["elbo"]:.4f} nats/dim = '
               f'{iw["bits_per_dim"]:.4f} bits/dim over {iw["images"]} images (ELBO - bound = '
@@ -378,7 +328,7 @@ def run(_):
     train_data = data.train_dataset(hp, strategy, FLAGS.data_dir)
     chief = is_chief(strategy)
     if chief:
-        check_run_folder(logdir, hp)
+        checkpoints.check_run_folder(logdir, hp)
     replicas = strategy.num_replicas_in_sync
     print(f'{FLAGS.hparams}: {hp.batch_size} images per replica x {replicas} replicas = '
           f'{hp.batch_size * replicas} per step, logdir {logdir}')
@@ -477,15 +427,15 @@ def run(_):
         if step % FLAGS.save_every == 0 or step == hp.steps:
             save()
         if chief and FLAGS.samples_every and (step % FLAGS.samples_every == 0 or step == hp.steps):
-            copy_ema(state, ema_model)
-            grid = sample.sample_grid(ema_model, *preview, seed=step, title=f'step {step}, EMA weights')
+            steps.copy_ema(state, ema_model)
+            grid = sampling.sample_grid(ema_model, *preview, seed=step, title=f'step {step}, EMA weights')
             path = os.path.join(logdir, 'samples', f'step-{step:08d}.png')
             with checkpoints.writing(path, 'the sample grid', kept()):
                 figures.save_png(grid, path)
             log.write_image(step, 'preview (EMA weights)', grid)
         if FLAGS.eval_every and (step % FLAGS.eval_every == 0 or step == hp.steps):
-            copy_ema(state, ema_model)
-            result = evaluate(eval_step, data.eval_dataset(hp, 'valid', strategy, FLAGS.data_dir), stop=stopping)
+            steps.copy_ema(state, ema_model)
+            result = steps.evaluate(eval_step, data.eval_dataset(hp, 'valid', strategy, FLAGS.data_dir), stop=stopping)
             if result is None:
                 continue         # preempted: the top of the loop saves and stops
             if log:

@@ -9,7 +9,6 @@ import tensorflow as tf
 import data
 import hparams
 import model as vdvae
-import sample
 import steps
 
 
@@ -25,7 +24,7 @@ def trained():
     for _ in range(60):
         out = step(*next(batches))
     assert out['skipped'] == 0
-    x_in, target = data.preprocess(sample.read_images(None, hp, 128), hp)
+    x_in, target = data.preprocess(data.read_images(None, hp, 128), hp)
     return state.model, hp, x_in, target
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import checkpoints
 import cli
 import compress
 from conftest import fit
@@ -16,7 +17,6 @@ import hparams
 import likelihood
 import model as vdvae
 import steps
-import train
 
 pytest.importorskip('constriction')
 
@@ -96,7 +96,7 @@ def runs(tmp_path_factory, trained):
         if k == 0:
             for v, w, e in zip(state.model.weights, trained.weights, state.ema):
                 e.assign(w)
-        train.check_run_folder(folder, hparams.load('tiny'))
+        checkpoints.check_run_folder(folder, hparams.load('tiny'))
         tf.train.CheckpointManager(state.checkpoint(), os.path.join(folder, 'ckpt'), 1).save(checkpoint_number=1)
         folders.append(folder)
     np.save(root / 'digits.npy', _digits(5))

@@ -3,7 +3,6 @@ into the cache (a .part file renamed when whole, resumed where the server takes 
 length checked), VDVAE.from_preset returns a model holding it, `convert.py --preset` writes
 the run folder. The official test case's checkpoint stands in for a released file, served
 over file:// and over a local HTTP server that can resume and can cut a download short."""
-import functools
 import http.server
 import json
 import os

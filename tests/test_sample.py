@@ -12,11 +12,11 @@ import tensorflow as tf
 
 import checkpoints
 import cli
+import data
 import figures
 import hparams
-import sample
+import sampling
 import steps
-import train
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
@@ -29,7 +29,7 @@ def run(tmp_path_factory):
     rng = np.random.default_rng(0)
     for e in state.ema:
         e.assign(e + rng.normal(0, 0.05, e.shape).astype(np.float32))
-    train.check_run_folder(folder, hp)
+    checkpoints.check_run_folder(folder, hp)
     tf.train.CheckpointManager(state.checkpoint(), os.path.join(folder, 'ckpt'), 1).save(checkpoint_number=7)
     return folder, [e.numpy() for e in state.ema]
 
@@ -64,14 +64,14 @@ def test_the_cli_writes_a_grid_of_the_requested_shape(run, tmp_path):
 
 @pytest.mark.smoke
 def test_same_seed_same_images_and_one_graph_per_batch_size(loaded):
-    sampler = sample.make_sampler(loaded)
-    a = sample.generate(sampler, 6, 1.0, seed=5, batch=4)
+    sampler = sampling.make_sampler(loaded)
+    a = sampling.generate(sampler, 6, 1.0, seed=5, batch=4)
     assert a.shape == (6, 16, 16, 3) and a.dtype == np.uint8
-    np.testing.assert_array_equal(a, sample.generate(sampler, 6, 1.0, seed=5, batch=4))
-    assert not np.array_equal(a, sample.generate(sampler, 6, 1.0, seed=6, batch=4))
+    np.testing.assert_array_equal(a, sampling.generate(sampler, 6, 1.0, seed=5, batch=4))
+    assert not np.array_equal(a, sampling.generate(sampler, 6, 1.0, seed=6, batch=4))
     # Batches of 4 and 2 so far; other temperatures and schedules reuse those graphs.
-    sample.generate(sampler, 6, 0.3, seed=5, batch=4)
-    sample.generate(sampler, 6, np.linspace(0, 1, loaded.num_layers), seed=5, batch=4)
+    sampling.generate(sampler, 6, 0.3, seed=5, batch=4)
+    sampling.generate(sampler, 6, np.linspace(0, 1, loaded.num_layers), seed=5, batch=4)
     assert sampler.graph.experimental_get_tracing_count() == 2
     # The prior path only: the sampling graph never reads the encoder.
     concrete = sampler.graph.get_concrete_function(4, tf.TensorSpec([loaded.num_layers]),
@@ -90,8 +90,8 @@ def test_lower_temperature_gives_less_variation_across_samples(run):
     for c in range(3):
         bias[M + 3 * M * c + M:M + 3 * M * c + 2 * M] = -7.
     m.decoder.out_bias.assign(bias)
-    sampler = sample.make_sampler(m)
-    variance = {t: sample.generate(sampler, 32, t, seed=1, batch=32).astype(np.float64).var(0).mean()
+    sampler = sampling.make_sampler(m)
+    variance = {t: sampling.generate(sampler, 32, t, seed=1, batch=32).astype(np.float64).var(0).mean()
                 for t in (0.0, 0.5, 1.0)}
     assert variance[0.0] < 0.5 * variance[0.5] < 0.5 * variance[1.0], variance
     # At temperature 0 every latent is its prior mean: the distribution over pixels is the
@@ -103,28 +103,28 @@ def test_lower_temperature_gives_less_variation_across_samples(run):
 
 def test_temperature_schedules(loaded):
     L, res = loaded.num_layers, np.array([b.res for b in loaded.decoder.blocks])
-    rows = sample.parse_temperatures('1.0,0.9', loaded)
+    rows = sampling.parse_temperatures('1.0,0.9', loaded)
     assert [t for _, t in rows] == [1.0, 0.9]
-    (_, ramp), = sample.parse_temperatures('ramp:0.2:1.0', loaded)
+    (_, ramp), = sampling.parse_temperatures('ramp:0.2:1.0', loaded)
     np.testing.assert_allclose(ramp, np.linspace(0.2, 1.0, L))
-    (_, per_res), = sample.parse_temperatures('res:1=0.5,16=0.7', loaded)
+    (_, per_res), = sampling.parse_temperatures('res:1=0.5,16=0.7', loaded)
     np.testing.assert_allclose(per_res, np.where(res == 1, 0.5, np.where(res == 16, 0.7, 1.0)))
     values = ','.join(str(0.1 * i) for i in range(L))
-    (_, layers), (_, one) = sample.parse_temperatures(f'layers:{values};0.85', loaded)
+    (_, layers), (_, one) = sampling.parse_temperatures(f'layers:{values};0.85', loaded)
     assert layers.shape == (L,) and one == 0.85
     for bad, words in [(f'layers:{values},0.5', f'{L + 1} values; the decoder has {L} layers'),
                        ('layers:0.5', f'1 values; the decoder has {L} layers'),
                        ('res:3=0.5', 'resolutions [1, 4, 8, 16]'), ('warm', 'not a number'),
                        ('-1', '>= 0'), ('ramp:1', 'ramp:FIRST:LAST')]:
         with pytest.raises(ValueError, match=words.replace('[', r'\[')):
-            sample.parse_temperatures(bad, loaded)
+            sampling.parse_temperatures(bad, loaded)
     # A schedule reaches every layer: all zeros is temperature 0, and the ramp is neither end.
-    sampler = sample.make_sampler(loaded)
-    zeros = sample.generate(sampler, 4, np.zeros(L, np.float32), seed=2, batch=4)
-    np.testing.assert_array_equal(zeros, sample.generate(sampler, 4, 0.0, seed=2, batch=4))
-    ramped = sample.generate(sampler, 4, ramp, seed=2, batch=4)
+    sampler = sampling.make_sampler(loaded)
+    zeros = sampling.generate(sampler, 4, np.zeros(L, np.float32), seed=2, batch=4)
+    np.testing.assert_array_equal(zeros, sampling.generate(sampler, 4, 0.0, seed=2, batch=4))
+    ramped = sampling.generate(sampler, 4, ramp, seed=2, batch=4)
     for t in (0.2, 1.0):
-        assert not np.array_equal(ramped, sample.generate(sampler, 4, t, seed=2, batch=4))
+        assert not np.array_equal(ramped, sampling.generate(sampler, 4, t, seed=2, batch=4))
 
 
 def _images(n=4, seed=0):
@@ -134,17 +134,17 @@ def _images(n=4, seed=0):
 
 def test_reconstruction_from_all_latents_is_the_models_own_decoding(loaded):
     images = _images()
-    x_in, target = sample.data.preprocess(images, loaded.hp)
+    x_in, target = data.preprocess(images, loaded.hp)
     L = loaded.num_layers
     latents = loaded.posterior_latents(x_in, seed=[4, 0])
     # The prior path fed the posterior's latents computes what the posterior path computed.
     params_posterior, _ = loaded.decoder.top_down(4, acts=loaded.encoder.activations(x_in), seed=[4, 0])
     np.testing.assert_allclose(loaded.decode(latents), params_posterior, atol=1e-5)
-    cold, warm = (sample.reconstructions(loaded, x_in, [2, L], t, seed=4) for t in (0.1, 1.0))
+    cold, warm = (sampling.reconstructions(loaded, x_in, [2, L], t, seed=4) for t in (0.1, 1.0))
     np.testing.assert_array_equal(cold[1], loaded.decode_images(latents, seed=[4, L]))
     np.testing.assert_array_equal(cold[1], warm[1])          # nothing left to the prior
     assert not np.array_equal(cold[0], warm[0])              # k=2: the rest comes from the prior
-    share = sample.latent_share(loaded)
+    share = sampling.latent_share(loaded)
     assert share[-1] == 1 and np.all(np.diff(share) > 0)
     assert share[0] == pytest.approx(4 / (4 + 3 * 16 * 4 + 3 * 64 * 4 + 3 * 256 * 4))   # zdim 4; 1, 3, 3, 3 layers
 
@@ -157,7 +157,7 @@ def test_reconstruct_cli_with_a_folder_of_images(run, tmp_path):
     out = str(tmp_path / 'rec.png')
     r = cli.run('sample.py', f'--ckpt={run[0]}', '--mode=reconstruct', f'--images={folder}', '--keep=1,5,10', f'--out={out}')
     assert r.returncode == 0, r.stderr[-2000:]
-    share = sample.latent_share(checkpoints.load(run[0])[0])
+    share = sampling.latent_share(checkpoints.load(run[0])[0])
     for k in (1, 5, 10):
         assert f'k={k:4d}: first {k} of 10 layers, {100 * share[k - 1]:.2f}% of the latent dimensions' in r.stdout
     picture = np.asarray(Image.open(out))
@@ -174,7 +174,7 @@ def test_stats_csv_sums_to_the_models_rate(run, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / 'stats.csv')))
     m = checkpoints.load(run[0])[0]
     assert [int(r['layer']) for r in rows] == list(range(1, m.num_layers + 1))
-    x_in, target = sample.data.preprocess(images, m.hp)
+    x_in, target = data.preprocess(images, m.hp)
     rate = np.concatenate([m.losses_per_image(x_in[i:i + 4], target[i:i + 4], seed=[3, i])['rate']
                            for i in (0, 4)]).mean() / math.log(2)
     kl = np.array([float(r['kl_bits_per_dim']) for r in rows])
@@ -188,7 +188,7 @@ def _variant_run(folder, seed, **variant):
     hp = hparams.load('tiny', **variant)
     keras.utils.set_random_seed(seed)
     state = steps.create_state(hp, tf.distribute.get_strategy())
-    train.check_run_folder(folder, hp)
+    checkpoints.check_run_folder(folder, hp)
     tf.train.CheckpointManager(state.checkpoint(), os.path.join(folder, 'ckpt'), 1).save(checkpoint_number=1)
     return state.model
 
@@ -203,7 +203,7 @@ def test_stats_compares_figure_5s_variants_in_one_figure(tmp_path):
                 f'--images={tmp_path}/images.npy', '--batch=4', '--seed=2', f'--out={out}')
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / 'not-yet' / 'figure5.csv')))
-    x_in, target = sample.data.preprocess(images, models['nearest'].hp)
+    x_in, target = data.preprocess(images, models['nearest'].hp)
     for name, m in models.items():
         mine = [row for row in rows if row['run'] == str(tmp_path / name)]
         assert [int(row['layer']) for row in mine] == list(range(1, m.num_layers + 1))
@@ -253,7 +253,7 @@ def test_bad_input_ends_in_one_line(run, tmp_path):
 
 def test_the_training_preview_shows_data_reconstructions_and_samples(loaded):
     images = _images(3, seed=2)
-    picture = sample.sample_grid(loaded, *sample.data.preprocess(images, loaded.hp), seed=1)
+    picture = sampling.sample_grid(loaded, *data.preprocess(images, loaded.hp), seed=1)
     # data; k = 1, L/4, L/2, L (tiny: 1, 2, 5, 10) and k = L's mode; 3 temperatures, each sampled and mode
     rows = 1 + 4 + 1 + 2 * 3
     assert picture.dtype == np.uint8 and picture.shape[0] == 4 * (rows * 17 - 1)
@@ -264,8 +264,8 @@ def test_the_training_preview_shows_data_reconstructions_and_samples(loaded):
         cell = picture[:64, label_width + 4 * 17 * j:label_width + 4 * 17 * j + 64]
         np.testing.assert_array_equal(cell, image.repeat(4, 0).repeat(4, 1))
     # The mode row under each sample row: the same latents (its seed), the most likely pixels.
-    x_in = sample.data.preprocess(images, loaded.hp)[0]
-    for row, expected in [(5, sample.reconstructions(loaded, x_in, [loaded.num_layers], 0.1, 1, pixels='mode')[0]),
+    x_in = data.preprocess(images, loaded.hp)[0]
+    for row, expected in [(5, sampling.reconstructions(loaded, x_in, [loaded.num_layers], 0.1, 1, pixels='mode')[0]),
                           (7, loaded.sample(3, 1.0, [1, 1000], pixels='mode').numpy()),
                           (11, loaded.sample(3, 0.8, [1, 1002], pixels='mode').numpy())]:
         for j, image in enumerate(expected):
@@ -287,7 +287,7 @@ def test_export_writes_n_samples_as_pngs_or_one_npz_reproducibly_and_never_over_
         assert list(f) == ['samples'] and f['samples'].dtype == np.uint8
         np.testing.assert_array_equal(f['samples'], pngs)          # the same seed, the same images
     # The images are the sampler's at that temperature and seed, batch by batch.
-    np.testing.assert_array_equal(pngs, sample.generate(sample.make_sampler(checkpoints.load(run[0])[0]), 5, 0.9, 0, 2))
+    np.testing.assert_array_equal(pngs, sampling.generate(sampling.make_sampler(checkpoints.load(run[0])[0]), 5, 0.9, 0, 2))
     assert cli.run('sample.py', *args, '--seed=1', f'--out={tmp_path}/b.npz').returncode == 0
     with np.load(tmp_path / 'b.npz') as f:
         assert not np.array_equal(f['samples'], pngs)

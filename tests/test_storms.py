@@ -82,11 +82,11 @@ def test_a_log_line_reports_its_interval_and_figure_6_is_drawn(below_guard, tmp_
     assert '\r' not in r.stderr
     assert [l for l in r.stderr.splitlines() if l.startswith('step ')][0].startswith('step 4 elbo')
     assert os.path.isfile(f'{logdir}/grad_norm.png') and os.path.isfile(f'{logdir}/samples/step-00000012.png')
-    # The preview is the grid of the EMA weights (sample.py's), not of the raw ones.
-    import sample
+    # The preview is the grid of the EMA weights (sampling.py's), not of the raw ones.
+    import sampling
     from PIL import Image
     ema, hp, *_ = checkpoints.load(f'{logdir}/ckpt/ckpt-12')
-    expected = sample.sample_grid(ema, *train.preview_images(hp), seed=12, title='step 12, EMA weights')
+    expected = sampling.sample_grid(ema, *train.preview_images(hp), seed=12, title='step 12, EMA weights')
     np.testing.assert_array_equal(np.asarray(Image.open(f'{logdir}/samples/step-00000012.png')), expected)
     events = tf.io.gfile.glob(f'{logdir}/tb/events.*')
     tags = {v.tag for e in events for event in tf.compat.v1.train.summary_iterator(e) for v in event.summary.value}
@@ -127,12 +127,12 @@ def test_past_its_threshold_the_guard_saves_the_last_good_state_and_stops(tmp_pa
 
 def test_a_resumed_run_may_change_only_its_length_and_the_remedies(tmp_path, capsys):
     hp = hparams.load('tiny')
-    train.check_run_folder(str(tmp_path), hp)
-    train.check_run_folder(str(tmp_path), hp.replace(steps=400, lr=1e-4, skip_threshold=2000., grad_clip=100.))
+    checkpoints.check_run_folder(str(tmp_path), hp)
+    checkpoints.check_run_folder(str(tmp_path), hp.replace(steps=400, lr=1e-4, skip_threshold=2000., grad_clip=100.))
     out = capsys.readouterr().out
     assert 'resuming with lr=0.0001 (the run had 0.001)' in out and 'grad_clip=100.0' in out
     with pytest.raises(SystemExit) as e:
-        train.check_run_folder(str(tmp_path), hp.replace(width=16, lr=1e-4))
+        checkpoints.check_run_folder(str(tmp_path), hp.replace(width=16, lr=1e-4))
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert 'other hyperparameters (width)' in err and 'only steps, lr, grad_clip, skip_threshold' in err

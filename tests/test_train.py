@@ -296,7 +296,7 @@ def test_evaluation_averages_per_image_counts_non_finite_images_and_ignores_padd
     mask = np.ones(8, np.float32)
     mask[6:] = 0.                                  # padding
     batches = [(x_in[:4], target[:4], mask[:4]), (x_in[4:], target[4:], mask[4:])]
-    result = train.evaluate(steps.make_eval_step(m, hp, strategy), batches)
+    result = steps.evaluate(steps.make_eval_step(m, hp, strategy), batches)
     assert result['images'] == 5 and result['nonfinite'] == 1
     # Batch i draws its noise from seed [seed, -1 - i] (fresh per batch).
     per_image = np.concatenate([m.losses_per_image(x, t, seed=tf.constant([hp.seed, -1 - i]))['elbo'].numpy()

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 import hparams
 import model as vdvae
-import sample
+import sampling
 import steps
 import train
 from test_train import _batch, _snapshot
@@ -123,7 +123,7 @@ def test_eval_steps_compile_as_xla_and_match_the_graph(same_noise, tiny_model):
 def test_the_sampler_compiles_as_xla_and_draws_the_same_images(same_noise, tiny_model):
     """The same images from the XLA sampler (prior path and DMoL draw): a pixel may differ by
     one level where a value lies within rounding of a bin edge (uint8 truncates)."""
-    samplers = [sample.make_sampler(tiny_model, jit_compile=jit) for jit in (False, True)]
+    samplers = [sampling.make_sampler(tiny_model, jit_compile=jit) for jit in (False, True)]
     plain, xla = (f(16, [0.9] * tiny_model.num_layers, [3, 4]).numpy().astype(int) for f in samplers)
     xla_graph = samplers[1].graph.get_concrete_function(16, tf.TensorSpec([tiny_model.num_layers]),
                                                         tf.TensorSpec([2], tf.int32))
