@@ -161,7 +161,7 @@ def preview_images(hp, data_dir=None):
 
 # ---------------------------------------------------------------------------------------
 # What people look at: log.jsonl, TensorBoard, figures (progress lines: hparams.py; grids:
-# sample.py; drawing: figures.py).
+# sampling.py; drawing: figures.py).
 
 
 def interval_add(interval, out):
