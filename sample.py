@@ -44,7 +44,7 @@ Default 1.0 for samples, 0.1 for the layers a reconstruction leaves to the prior
 
 
 def define_flags():
-    """The command line; defined only when sample.py is the program (train.py imports it)."""
+    """The command line; defined only when sample.py is the program (tests import it)."""
     flags.DEFINE_string('ckpt', None, 'run folder or ckpt-N prefix (required); --mode=stats takes '
                         'several, comma-separated, and compares them in one figure')
     flags.DEFINE_enum('mode', 'sample', ['sample', 'reconstruct', 'stats', 'export'],
