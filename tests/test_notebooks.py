@@ -102,8 +102,8 @@ def test_without_test_images_the_pretrained_notebook_samples_and_skips_in_one_li
 
 
 def test_the_badges_and_repo_name_one_github_path():
-    """Each notebook's Open-in-Colab badge opens itself, and it, REPO's default and the
-    README's badges name the same repository (one placeholder to replace)."""
+    """Each notebook's Open-in-Colab badge opens itself, and it, REPO's default, the README's
+    badges and its clone line name the same repository (one placeholder to replace)."""
     paths = set()
     for name in ('train_colab.ipynb', 'pretrained_colab.ipynb'):
         nb = nbformat.read(os.path.join(ROOT, 'notebooks', name), as_version=4)
@@ -115,4 +115,5 @@ def test_the_badges_and_repo_name_one_github_path():
     readme = re.findall(r'colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/main/notebooks/([\w.-]+)',
                         open(os.path.join(ROOT, 'README.md')).read())
     assert sorted(n for _, n in readme) == ['pretrained_colab.ipynb', 'train_colab.ipynb']
-    assert len(paths | {p for p, _ in readme}) == 1, paths
+    clone = re.findall(r'^git clone https://github\.com/([\w.-]+/[\w.-]+)\.git ', open(os.path.join(ROOT, 'README.md')).read(), re.M)
+    assert len(paths | {p for p, _ in readme} | set(clone)) == 1 and clone, (paths, clone)

@@ -64,7 +64,7 @@ PLANS = {
     # Install. The clone and the venv run in test_the_readme_clone_and_venv_lines_work; the
     # installs and the test command are .ci/run's own lines (checked below); the GPU file is
     # checked against the ranges tensorflow declares for its CUDA extra.
-    'git clone REPO_URL vdvae-tf': 'shell',
+    'git clone https://github.com/OWNER/vdvae-tf.git': 'shell',
     'cd vdvae-tf': 'shell',
     'python3 -m venv .venv': 'shell',
     'source .venv/bin/activate': 'shell',
@@ -220,7 +220,7 @@ def test_the_readme_clone_and_venv_lines_work(tmp_path):
     """The install's first lines as one shell runs them, this repository standing in for its
     GitHub address: a clone, a venv whose python is the one on PATH once activated."""
     lines = [c for c in PLANS if PLANS[c] == 'shell']
-    script = ' && '.join(lines).replace('REPO_URL', cli.ROOT)
+    script = ' && '.join(lines).replace('https://github.com/OWNER/vdvae-tf.git', cli.ROOT)
     r = subprocess.run(['bash', '-c', script + ' && python -c "import sys; print(sys.prefix, sys.version_info >= (3, 11))"'],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
