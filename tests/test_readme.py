@@ -220,7 +220,8 @@ def test_the_readme_clone_and_venv_lines_work(tmp_path):
     """The install's first lines as one shell runs them, this repository standing in for its
     GitHub address: a clone, a venv whose python is the one on PATH once activated."""
     lines = [c for c in PLANS if PLANS[c] == 'shell']
-    script = ' && '.join(lines).replace('https://github.com/OWNER/vdvae-tf.git', cli.ROOT)
+    (tmp_path / 'vdvae-tf.git').symlink_to(cli.ROOT)       # cloned into vdvae-tf, as GitHub's would be
+    script = ' && '.join(lines).replace('https://github.com/OWNER/vdvae-tf.git', str(tmp_path / 'vdvae-tf.git'))
     r = subprocess.run(['bash', '-c', script + ' && python -c "import sys; print(sys.prefix, sys.version_info >= (3, 11))"'],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
