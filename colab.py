@@ -42,7 +42,7 @@ def install():
             have = metadata.version('tensorflow')
         except metadata.PackageNotFoundError:
             have = None
-        gpu = bool(glob.glob('/proc/driver/nvidia')) or bool(_which('nvidia-smi'))
+        gpu = hparams.nvidia_driver()
         files = [] if have and _at_least(have, (2, 20)) else ['requirements-gpu.txt' if gpu else 'requirements.txt']
         keep = ['tensorflow', 'keras', 'tensorboard', 'numpy'] if not files else []
         if keep:
@@ -58,10 +58,6 @@ def install():
 
 def _at_least(version, wanted):
     return tuple(int(p) for p in re.findall(r'\d+', version)[:2]) >= wanted
-
-
-def _which(name):
-    return any(os.access(os.path.join(d, name), os.X_OK) for d in os.environ.get('PATH', '').split(os.pathsep) if d)
 
 
 def sign_in(*paths):
@@ -85,10 +81,10 @@ def run(*args, watch=None):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout] + [lines.put(None)], daemon=True).start()
-    shown = set(_grids(watch)) if watch else set()
     if watch and watch.startswith('gs://'):
         print('(grids in gs:// are not shown as they come: use TensorBoard, or the cells below)')
         watch = None
+    shown = set(_grids(watch)) if watch else set()
     while True:
         try:
             line = lines.get(timeout=2.)

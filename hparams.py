@@ -11,6 +11,7 @@ import glob
 import math
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -379,6 +380,12 @@ def tpu_present():
     """A TPU VM shows its chips as /dev/accel* (v2 to v4) or /dev/vfio/N (v5e on); TPU_NAME
     names a remote one. (Here, not in train.py, so a notebook can ask before TF is installed.)"""
     return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*') or os.environ.get('TPU_NAME'))
+
+
+def nvidia_driver():
+    """Where this machine shows an NVIDIA driver (nvidia-smi on PATH, or /proc/driver/nvidia),
+    else None. (Here, as tpu_present, so a notebook can ask before TF is installed.)"""
+    return shutil.which('nvidia-smi') or ('/proc/driver/nvidia' if os.path.exists('/proc/driver/nvidia') else None)
 
 
 def progress(label, done, total, t0, every=0.):

@@ -66,11 +66,10 @@ def dmol_nll(params, target, low_bit=False):
 def dmol_sample(params, uniform):
     """uint8 images (B, H, W, 3) drawn from the mixture; `uniform(shape, k)` gives noise in
     (0, 1) for draw k: 0 picks each pixel's component, 1 its logistic noise."""
-    params = tf.cast(params, tf.float32)
-    logits = _dmol_split(params)[0]
+    logits, *split = _dmol_split(tf.cast(params, tf.float32))
     u = uniform(tf.shape(logits), 0)
     pick = tf.argmax(logits - tf.math.log(-tf.math.log(u)), axis=-1)     # Gumbel-max
-    means, log_scales, coeffs = _component(params, pick)
+    means, log_scales, coeffs = _component(split, pick)
     u = uniform(tf.shape(means), 1)
     return to_uint8(_coupled(means + tf.exp(log_scales) * (tf.math.log(u) - tf.math.log(1. - u)), coeffs))
 
@@ -80,16 +79,16 @@ def dmol_mode(params):
     blue shifted by red (and green) as the likelihood couples them, rounded to the nearest
     level. No noise: what the decoder thinks the image is, where a sample adds the
     logistic's spread (broad early in training)."""
-    params = tf.cast(params, tf.float32)
-    means, _, coeffs = _component(params, tf.argmax(_dmol_split(params)[0], axis=-1))
+    logits, *split = _dmol_split(tf.cast(params, tf.float32))
+    means, _, coeffs = _component(split, tf.argmax(logits, axis=-1))
     return tf.cast(tf.round(tf.clip_by_value((_coupled(means, coeffs) + 1.) * 127.5, 0., 255.)), tf.uint8)
 
 
-def _component(params, pick):
-    """The means, log-scales and coefficients (B, H, W, 3) of component `pick` (B, H, W)."""
-    _, means, log_scales, coeffs = _dmol_split(params)
-    one_hot = tf.one_hot(pick, means.shape[-1])[..., None, :]
-    return [tf.reduce_sum(v * one_hot, -1) for v in (means, log_scales, coeffs)]
+def _component(split, pick):
+    """The means, log-scales and coefficients (B, H, W, 3) of component `pick` (B, H, W);
+    `split`: those three of _dmol_split, for every component."""
+    one_hot = tf.one_hot(pick, split[0].shape[-1])[..., None, :]
+    return [tf.reduce_sum(v * one_hot, -1) for v in split]
 
 
 def _coupled(x, coeffs):

@@ -377,13 +377,11 @@ class VDVAE(keras.Model):
         """uint8 images from decode(); pixels 'sample': drawn from p(x | z) (the paper's
         figures), 'mode': its most likely values (likelihood.dmol_mode). The same seed draws
         the same latents either way."""
+        if pixels not in ('sample', 'mode'):
+            raise ValueError(f"pixels={pixels!r}: 'sample' or 'mode'")
         seed_z, seed_x = tf.unstack(_split_seed(seed, 2))
         params = self.decode(latents, n, temperature, seed_z)
-        if pixels == 'mode':
-            return likelihood.dmol_mode(params)
-        if pixels != 'sample':
-            raise ValueError(f"pixels={pixels!r}: 'sample' or 'mode'")
-        return dmol_sample(params, seed_x)
+        return likelihood.dmol_mode(params) if pixels == 'mode' else dmol_sample(params, seed_x)
 
     def sample(self, n, temperature=1., seed=None, pixels='sample'):
         """n unconditional uint8 images (n, H, W, 3)."""

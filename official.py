@@ -22,6 +22,7 @@ import zipfile
 
 import numpy as np
 
+import hparams
 from hparams import parse_blocks
 
 _STORAGE_DTYPES = {
@@ -359,15 +360,13 @@ def download(url, path):
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
         print(f'downloading {url} to {path}' + (f', resuming at {done / 2 ** 20:.0f} MB' if resumed else ''),
               file=sys.stderr)
-        t0, shown = time.time(), 0.
+        t0, start = time.time(), done
         with open(part, 'ab' if resumed else 'wb') as f:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 done += len(chunk)
-                if time.time() - shown > 10 or done == total:
-                    shown = time.time()
-                    mb = f'{done / 2 ** 20:,.0f}' + (f' of {total / 2 ** 20:,.0f}' if total else '')
-                    print(f'  {mb} MB, {done / 2 ** 20 / max(time.time() - t0, 1e-9):.1f} MB/s', file=sys.stderr)
+                hparams.progress('downloading, MB', (done - start) / 2 ** 20, ((total or done) - start) / 2 ** 20,
+                                 t0, every=10.)
     if total is not None and done != total:
         raise CheckpointError(f'{url}: the download ended at {done:,} of {total:,} bytes; run the same '
                               f'command again to resume it ({part})')

@@ -88,6 +88,15 @@ def output_path(folder, name, also=()):
     return path
 
 
+def _temp_tag():
+    """--temp as part of a file name."""
+    return re.sub(r'[^0-9a-z.=_-]+', '_', (FLAGS.temp or '1.0').lower())
+
+
+def _pixels_tag():
+    return '-mode' if FLAGS.pixels == 'mode' else ''
+
+
 def temperatures_or_fail(default, model):
     try:
         return parse_temperatures(FLAGS.temp or default, model)
@@ -110,9 +119,7 @@ def sample_mode(model, hp, folder):
     picture = grid(np.stack(cells))
     if len(rows) > 1 or ':' in rows[0][0]:
         picture = labelled(picture, left=labels, cell=images[0].shape[1:3], scale=max(1, 64 // hp.image_size))
-    name = re.sub(r'[^0-9a-z.=_-]+', '_', (FLAGS.temp or '1.0').lower())
-    mode = '-mode' if FLAGS.pixels == 'mode' else ''
-    path = output_path(folder, f'samples-t{name}-seed{FLAGS.seed}{mode}.png')
+    path = output_path(folder, f'samples-t{_temp_tag()}-seed{FLAGS.seed}{_pixels_tag()}.png')
     write_png(picture, path)
     steady = timings[1:] or timings          # the first batch also traces the graph
     rate = sum(n for n, _ in steady) / sum(t for _, t in steady)
@@ -129,9 +136,7 @@ def export_mode(model, hp, folder):
     rows = temperatures_or_fail('1.0', model)
     if len(rows) > 1:
         hparams.fail(f'--temp={FLAGS.temp}: --mode=export takes one temperature (or one schedule)')
-    tag = re.sub(r'[^0-9a-z.=_-]+', '_', (FLAGS.temp or '1.0').lower())
-    path = FLAGS.out or os.path.join(folder, 'figures', f'export-t{tag}-seed{FLAGS.seed}-n{FLAGS.n}'
-                                     + ('-mode' if FLAGS.pixels == 'mode' else ''))
+    path = FLAGS.out or os.path.join(folder, 'figures', f'export-t{_temp_tag()}-seed{FLAGS.seed}-n{FLAGS.n}{_pixels_tag()}')
     if os.path.exists(path):
         hparams.fail(f'{path} exists; --mode=export never writes into an existing file or folder '
                      '(remove it or give another --out)')
@@ -181,7 +186,7 @@ def reconstruct_mode(model, hp, folder):
     top = ['data'] + [f'k={k}\n{100 * share[k - 1]:.3g}%' for k in keep]
     picture = labelled(grid(np.stack(columns, 1)), top=top, cell=images.shape[1:3],
                        scale=max(1, 64 // hp.image_size))
-    path = output_path(folder, f'reconstructions-seed{FLAGS.seed}{"-mode" if FLAGS.pixels == "mode" else ""}.png')
+    path = output_path(folder, f'reconstructions-seed{FLAGS.seed}{_pixels_tag()}.png')
     write_png(picture, path)
     for k in keep:
         print(f'k={k:4d}: first {k} of {model.num_layers} layers, {100 * share[k - 1]:.2f}% of the latent dimensions')

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -133,7 +132,7 @@ def describe(strategy):
 def gpu_warning():
     """A machine with an NVIDIA driver where TensorFlow sees no GPU: on Linux that is nearly
     always TensorFlow without its CUDA libraries, and the run would train on the CPU unasked."""
-    driver = shutil.which('nvidia-smi') or (os.path.exists('/proc/driver/nvidia') and '/proc/driver/nvidia')
+    driver = hparams.nvidia_driver()
     if not driver or tf.config.list_physical_devices('GPU'):
         return None
     return (f'warning: this machine has an NVIDIA driver ({driver}) but TensorFlow sees no GPU, so it '
