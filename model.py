@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 import likelihood
+import update
 from fastgraph import ParamStack, StackRow, add, bottleneck, conv, rematerialised
 from hparams import parse_blocks, widths
 
@@ -303,12 +304,13 @@ class Decoder(keras.layers.Layer):
 
 
 # ---------------------------------------------------------------------------------------
-class VDVAE(keras.Model):
+class VDVAE(update.KerasSteps, keras.Model):
     """The whole model. `elbo`, `distortion` and `rate` are per-image losses in nats/dim
     (the negative ELBO, as the paper reports it); divide by ln 2 for bits/dim.
 
     x_in: the preprocessed network input (B, H, W, 3); target: the image in [-1, 1].
-    seed: an optional [2] int tensor making every random draw reproducible."""
+    seed: an optional [2] int tensor making every random draw reproducible. compile(), fit()
+    and evaluate() train and evaluate it the paper's way (update.KerasSteps)."""
 
     def __init__(self, hp, remat=False, **kwargs):
         """remat: the posterior pass keeps only each block's inputs for the backward pass and
@@ -460,10 +462,8 @@ def _split_seed(seed, n):
     return tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), n)
 
 
-def checkpoint_key(variable):
-    """A weight's name in this project's checkpoints (stable across Keras versions' paths)."""
-    return variable.path.replace('/', '.')
-
-
 def count_params(model):
     return int(sum(np.prod(v.shape) for v in model.weights))
+
+
+checkpoint_key = update.checkpoint_key      # TEMP until the house branch merges

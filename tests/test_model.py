@@ -13,6 +13,7 @@ import fastgraph
 import hparams
 import likelihood
 import model
+import update
 
 OFFICIAL_COUNTS = dict(cifar10=39_145_700, imagenet32=119_280_868, imagenet64=125_005_860,
                        ffhq256=114_874_852, ffhq1024=109_366_904)
@@ -281,10 +282,10 @@ def test_blocks_called_one_by_one_give_the_encoder_and_decoder_outputs(tiny_mode
 
 
 def _copy_weights(source, target):
-    by_key = {model.checkpoint_key(v): v for v in source.weights}
+    by_key = {update.checkpoint_key(v): v for v in source.weights}
     for v in target.weights:
-        if model.checkpoint_key(v) in by_key:
-            v.assign(by_key[model.checkpoint_key(v)])
+        if update.checkpoint_key(v) in by_key:
+            v.assign(by_key[update.checkpoint_key(v)])
 
 
 def test_a_learned_unpool_sits_where_nearest_neighbours_do_and_adds_only_its_convs(tiny_model):
@@ -354,7 +355,7 @@ def test_checkpoint_format_is_the_one_earlier_run_folders_hold(tiny_model):
     """Run folders written before the blocks became layers (d20cf3c and earlier) hold these
     keys and shapes, and each stacked row holds its block's pieces in this order; a change
     here would leave them unreadable (or worse, read into the wrong convs)."""
-    assert {model.checkpoint_key(v): tuple(v.shape) for v in tiny_model.weights} == {
+    assert {update.checkpoint_key(v): tuple(v.shape) for v in tiny_model.weights} == {
         'encoder.in_kernel': (3, 3, 3, 32), 'encoder.in_bias': (32,), 'enc16.params': (3, 1720),
         'enc8.params': (3, 1720), 'enc4.params': (3, 1720), 'enc1.params': (1, 696),
         'decoder.bias_state1': (1, 1, 1, 32), 'decoder.bias_state4': (1, 4, 4, 32),

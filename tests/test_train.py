@@ -9,6 +9,7 @@ import cli
 import hparams
 import steps
 import train
+import update
 
 
 def _batch(n=8, seed=0):
@@ -142,7 +143,7 @@ def test_ema_follows_the_applied_weights():
 
 def test_warm_up_is_linear_in_all_steps_then_constant():
     step = tf.Variable(0, dtype=tf.int64)
-    schedule = steps.WarmUp(1e-3, 100, step)
+    schedule = update.WarmUp(1e-3, 100, step)
     values = []
     for s in (0, 1, 50, 99, 100, 1000):
         step.assign(s)

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 import hparams
 import steps
+import update
 
 torch = pytest.importorskip('torch')
 
@@ -71,7 +72,7 @@ def _ours(hp, gradients):
     state = steps.create_state(hp, strategy)
     variables = state.model.trainable_variables
     assert len(variables) == len(state.model.weights)          # the EMA covers these
-    rule = steps.update_rule(state, hp, strategy)
+    rule = update.update_rule(state, hp, strategy)
     step = tf.function(lambda grads: strategy.run(rule, args=(grads, tf.constant(True))), autograph=False)
     initial = [v.numpy() for v in variables]
     history = []
@@ -122,10 +123,10 @@ def test_every_step_matches_the_official_update(runs):
 
 
 def test_keras_own_epsilon_placement_would_not_match(runs, monkeypatch):
-    """Why steps.AdamW exists: Keras' AdamW adds epsilon to the uncorrected sqrt(v), and the
+    """Why update.AdamW exists: Keras' AdamW adds epsilon to the uncorrected sqrt(v), and the
     weights with tiny gradients drift from the official ones by a good part of a step."""
     hp, gradients, _, _, official, _ = runs
-    monkeypatch.setattr(steps, 'AdamW', keras.optimizers.AdamW)
+    monkeypatch.setattr(update, 'AdamW', keras.optimizers.AdamW)
     _, keras_run, _ = _ours(hp, gradients)
     drift = max(_largest_difference(a['weights'], b['weights']) for a, b in zip(keras_run, official))
     assert drift > 0.1 * hp.lr, drift
