@@ -204,21 +204,17 @@ def conv_flops(model, batch, path):
     """Multiply-adds x 2 of every convolution one step of `path` runs: train (forward, then
     the gradients of inputs and of kernels: 3x the forward), eval (the posterior pass) or
     sample (the prior path). Element-wise work is not counted; rematerialised forwards are not
-    counted either (work done again is not work done)."""
+    counted either (work done again is not work done). Which convs a block has and which of
+    them the prior path runs: model.block_convs."""
     per_pixel = lambda kernel: 2 * batch * int(np.prod(kernel))
     hp, total = model.hp, 0
     if path != 'sample':
         total += per_pixel(model.encoder.in_kernel.shape) * hp.image_size ** 2
-        for block in model.encoder.blocks:
-            stack = block.row.stack
-            total += sum(per_pixel(shape) for name, shape, _ in stack.pieces if name.endswith('kernel')) * block.res ** 2
-    for block in model.decoder.blocks:
-        stack = block.row.stack
-        roles = ('prior/', 'z_proj/', 'resnet/') + (() if path == 'sample' else ('posterior/',))
-        total += sum(per_pixel(shape) for name, shape, _ in stack.pieces
-                     if name.endswith('kernel') and name.startswith(roles)) * block.res ** 2
-        if block.unpool is not None:
-            total += per_pixel(block.unpool.kernel.shape) * block.mixin ** 2
+    for block in model.encoder.blocks + model.decoder.blocks:
+        stack, convs = block.row.stack, vdvae.block_convs(block)
+        kernels = [prefix + 'kernel' for prefix, _, prior_path in convs if prior_path or path != 'sample']
+        total += sum(per_pixel(stack.pieces[stack.index[k]][1]) for k in kernels) * block.res ** 2
+    total += sum(per_pixel(b.unpool.kernel.shape) * b.mixin ** 2 for b in model.decoder.blocks if b.unpool is not None)
     total += per_pixel(model.decoder.out_kernel.shape) * hp.image_size ** 2
     return total * (3 if path == 'train' else 1)
 
