@@ -31,8 +31,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import fastgraph
 import likelihood
-from fastgraph import ParamStack, StackRow, add, bottleneck, conv, rematerialised
+from fastgraph import StackRow, add, bottleneck, conv, rematerialised
 from hparams import parse_blocks, widths
 
 
@@ -74,19 +75,20 @@ def _torch_uniform(fan_in):
 class EncBlock(keras.layers.Layer):
     """Bottom-up: a residual bottleneck block (GELU before each of conv 1x1, 3x3, 3x3, 1x1),
     then average pooling by `down` if the block string says 'RdK', and zero channels padded
-    on where the next resolution is wider. Its weights are `row` of its stage's stack."""
+    on where the next resolution is wider. Its weights are `row` of its stage's stack;
+    `bottleneck`: the block function of the model's layout (fastgraph.layout)."""
     ROLES = (('', '', 4, False),)           # what it is made of (block_convs)
 
-    def __init__(self, res, down, width_out, row, **kwargs):
+    def __init__(self, res, down, width_out, row, bottleneck=bottleneck, **kwargs):
         super().__init__(**kwargs)
-        self.res, self.down, self.width_out, self.row = res, down, width_out, row
+        self.res, self.down, self.width_out, self.row, self.bottleneck = res, down, width_out, row, bottleneck
         self.res_out = res // (down or 1)
         self.built = True
 
     def call(self, x, params=None):
         """params: this block's pieces, if the caller has split the stage already."""
         params = params if params is not None else self.row.weights(self.compute_dtype)
-        x = bottleneck(x, _convs(params, ''), residual=True)
+        x = self.bottleneck(x, _convs(params, ''), residual=True)
         if self.down:
             x = tf.nn.avg_pool2d(x, self.down, self.down, 'VALID')
         if x.shape[-1] < self.width_out:
@@ -109,9 +111,9 @@ class DecBlock(keras.layers.Layer):
     ROLES = (('posterior/', 'enc.', 4, False), ('prior/', 'prior.', 4, True), ('z_proj/', 'z_proj.', 1, True),
              ('resnet/', 'resnet.', 4, True))         # what it is made of (block_convs)
 
-    def __init__(self, hp, res, mixin, width, row, unpool=None, **kwargs):
+    def __init__(self, hp, res, mixin, width, row, unpool=None, bottleneck=bottleneck, **kwargs):
         super().__init__(**kwargs)
-        self.res, self.mixin, self.width, self.row = res, mixin, width, row
+        self.res, self.mixin, self.width, self.row, self.bottleneck = res, mixin, width, row, bottleneck
         self.zdim, self.residual = hp.zdim, hp.top_down_block == 'res'
         self.unpool = unpool       # a LearnedUnpool, or None for nearest neighbours
         self.built = True
@@ -129,12 +131,12 @@ class DecBlock(keras.layers.Layer):
             above = state[self.mixin]
             factor = self.res // self.mixin
             x = add(x, self.unpool(above) if self.unpool else _nearest_unpool(above[..., :self.width], factor))
-        prior = bottleneck(x, _convs(params, 'prior/'), residual=False)
+        prior = self.bottleneck(x, _convs(params, 'prior/'), residual=False)
         # tf.split, not slicing: a slice's gradient is a full-size zero tensor per slice.
         p_mean, p_logsigma, x_res = tf.split(prior, [self.zdim, self.zdim, self.width], axis=-1)
         layer = {'p': (p_mean, p_logsigma)}
         if acts is not None:
-            q = bottleneck((x, acts), _convs(params, 'posterior/'), residual=False)
+            q = self.bottleneck((x, acts), _convs(params, 'posterior/'), residual=False)
             layer['q'] = q_mean, q_logsigma = tf.split(q, 2, axis=-1)
             kl = gaussian_kl(*[tf.cast(t, tf.float32) for t in (q_mean, q_logsigma, p_mean, p_logsigma)])
             layer['kl'] = tf.reduce_sum(kl, axis=[1, 2, 3])
@@ -151,7 +153,7 @@ class DecBlock(keras.layers.Layer):
                 z = p_mean + tf.exp(p_logsigma) * tf.cast(temperature, dtype) * eps
         layer['z'] = z
         z_proj = conv(z, params['z_proj/kernel'], params['z_proj/bias'])
-        return bottleneck(add(x, x_res, z_proj), _convs(params, 'resnet/'), residual=self.residual), layer
+        return self.bottleneck(add(x, x_res, z_proj), _convs(params, 'resnet/'), residual=self.residual), layer
 
     def pieces(self):
         """{piece name: numpy array} of this block's weights (a row of its stage's stack)."""
@@ -187,20 +189,20 @@ class LearnedUnpool(keras.layers.Layer):
 class Encoder(keras.layers.Layer):
     """Bottom-up path: in_conv, then the EncBlocks; keeps the last activation per resolution."""
 
-    def __init__(self, hp, **kwargs):
+    def __init__(self, hp, layout='stacked', **kwargs):
         super().__init__(**kwargs)
         self.hp, self.width = hp, widths(hp)
         parsed = parse_blocks(hp.enc_blocks)
         self.in_kernel = self.add_weight(shape=(3, 3, hp.image_channels, hp.width), name='in_kernel',
                                          initializer=_torch_uniform(9 * hp.image_channels))
         self.in_bias = self.add_weight(shape=(hp.width,), initializer='zeros', name='in_bias')
-        scale = math.sqrt(1. / len(parsed))
+        scale, (holder, block_fn) = math.sqrt(1. / len(parsed)), fastgraph.layout(layout)
         self.stages = {}
         for res, n in collections.Counter(res for res, _ in parsed).items():
             w = self.width[res]
             convs = _bottleneck_convs(w, int(w * hp.bottleneck_multiple), w, res > 2, last_scale=scale)
-            self.stages[res] = ParamStack(n, _pieces(EncBlock, {'': convs}), name=f'enc{res}')
-        self.blocks = [EncBlock(res, down, self.width[res // (down or 1)], row, name=f'enc_block{i}')
+            self.stages[res] = holder(n, _pieces(EncBlock, {'': convs}), name=f'enc{res}')
+        self.blocks = [EncBlock(res, down, self.width[res // (down or 1)], row, block_fn, name=f'enc_block{i}')
                        for i, ((res, down), row) in enumerate(zip(parsed, _rows(parsed, self.stages)))]
         self.built = True
 
@@ -234,19 +236,19 @@ def _rows(blocks, stages):
 
 class Decoder(keras.layers.Layer):
     """Top-down path: the initial states, the DecBlocks in dec_blocks order, then gain, bias
-    and the DMoL head."""
+    and the DMoL head. layout: VDVAE's."""
 
-    def __init__(self, hp, **kwargs):
+    def __init__(self, hp, layout='stacked', **kwargs):
         super().__init__(**kwargs)
         self.hp, self.width = hp, widths(hp)
-        parsed = parse_blocks(hp.dec_blocks)
-        self.stages = {res: ParamStack(n, _decoder_pieces(self.width[res], hp, len(parsed), res > 2), name=f'dec{res}')
+        parsed, (holder, block_fn) = parse_blocks(hp.dec_blocks), fastgraph.layout(layout)
+        self.stages = {res: holder(n, _decoder_pieces(self.width[res], hp, len(parsed), res > 2), name=f'dec{res}')
                        for res, n in collections.Counter(res for res, _ in parsed).items()}
         self.blocks = []
         for i, ((res, mixin), row) in enumerate(zip(parsed, _rows(parsed, self.stages))):
             unpool = (LearnedUnpool(self.width[mixin], self.width[res], res // mixin, name=f'dec_block{i}_unpool')
                       if mixin and hp.unpool == 'learned' else None)
-            self.blocks.append(DecBlock(hp, res, mixin, self.width[res], row, unpool, name=f'dec_block{i}'))
+            self.blocks.append(DecBlock(hp, res, mixin, self.width[res], row, unpool, block_fn, name=f'dec_block{i}'))
         self.bias_states = {res: self.add_weight(shape=(1, res, res, self.width[res]),
                                                  initializer='zeros', name=f'bias_state{res}')
                             for res in sorted(self.stages) if res <= hp.no_bias_above}
@@ -307,13 +309,14 @@ class VDVAE(keras.Model):
     x_in: the preprocessed network input (B, H, W, 3); target: the image in [-1, 1].
     seed: an optional [2] int tensor making every random draw reproducible."""
 
-    def __init__(self, hp, remat=False, **kwargs):
+    def __init__(self, hp, remat=False, layout='stacked', **kwargs):
         """remat: the posterior pass keeps only each block's inputs for the backward pass and
-        computes the rest again there (less activation memory, more compute; same values)."""
+        computes the rest again there (less activation memory, more compute; same values).
+        layout 'naive': the direct port fastgraph is measured against (fastgraph.layout)."""
         super().__init__(name=kwargs.pop('name', 'vdvae'), **kwargs)
         self.hp, self.remat = hp, remat
-        self.encoder = Encoder(hp, name='encoder')
-        self.decoder = Decoder(hp, name='decoder')
+        self.encoder = Encoder(hp, layout, name='encoder')
+        self.decoder = Decoder(hp, layout, name='decoder')
         self.num_layers = len(self.decoder.blocks)
         self.built = True
 

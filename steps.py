@@ -94,11 +94,11 @@ def _counter(name):
                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
 
-def create_state(hp, strategy, loss_scale=1., remat=False):
+def create_state(hp, strategy, loss_scale=1., remat=False, layout='stacked'):
     """loss_scale > 1: float16 training with a dynamic loss scale starting there. remat: the
     model recomputes each block's activations in the backward pass (VDVAE)."""
     with strategy.scope():
-        model = vdvae.VDVAE(hp, remat=remat)
+        model = vdvae.VDVAE(hp, remat=remat, layout=layout)
         step = _counter('step')
         optimizer = AdamW(
             WarmUp(hp.lr, hp.warmup_iters, step), beta_1=hp.adam_beta1, beta_2=hp.adam_beta2,
