@@ -85,35 +85,6 @@ flags.DEFINE_integer('compress_images', 500, 'with --compress: test images (the 
 FLAGS = flags.FLAGS
 
 
-class PerBlockParams(vdvae.ParamStack):
-    """Baseline layout: one variable per conv kernel and bias of every block, as a direct
-    port of the PyTorch code would have."""
-
-    def __init__(self, n, pieces, **kwargs):
-        keras.layers.Layer.__init__(self, **kwargs)
-        self.n, self.pieces = n, list(pieces)
-        init = lambda b: keras.initializers.RandomUniform(-b, b) if b else 'zeros'
-        self.per_block = [[self.add_weight(shape=shape, initializer=init(bound), name=f'{j}_{name.replace("/", "_")}')
-                           for name, shape, bound in pieces] for j in range(n)]
-        self.built = True
-
-    def unstack(self, dtype):
-        return [{name: tf.cast(v, dtype) for (name, _, _), v in zip(self.pieces, block)}
-                for block in self.per_block]
-
-
-def naive_bottleneck(x, weights, residual):
-    h = x = tf.concat(x, -1) if isinstance(x, (tuple, list)) else x
-    for kernel, bias in weights:
-        h = vdvae.conv(tf.nn.gelu(h, approximate=False), kernel, bias)
-    return x + h if residual else h
-
-
-def use_naive_layout():
-    vdvae.ParamStack = PerBlockParams
-    vdvae.bottleneck = naive_bottleneck
-
-
 def random_batch(hp, batch):
     """Random (x_in, target): the model's cost does not depend on the pixels."""
     shape = (batch, hp.image_size, hp.image_size, 3)
@@ -143,12 +114,13 @@ def timed(run, repeats, profile=None):
     return first, float(np.median(times))
 
 
-def bench_train_step(hp, batch, repeats, remat=False, jit_compile=False, profile=None):
-    """train.py's own step (the update rule: clip, skip, EMA, the official AdamW). Memory: the
-    resident size once the model and optimizer are built, and the process's peak after training."""
+def bench_train_step(hp, batch, repeats, remat=False, jit_compile=False, profile=None, layout='stacked'):
+    """train.py's own step (the update rule: clip, skip, EMA, the official AdamW) on a model of
+    `layout` (VDVAE's). Memory: the resident size once the model and optimizer are built, and
+    the process's peak after training."""
     strategy = tf.distribute.get_strategy()
     t0 = time.time()
-    state = steps.create_state(hp, strategy, remat=remat)
+    state = steps.create_state(hp, strategy, remat=remat, layout=layout)
     build = time.time() - t0
     resident = rss_gb()
     step = steps.make_train_step(state, hp, strategy, jit_compile=jit_compile)
@@ -204,21 +176,17 @@ def conv_flops(model, batch, path):
     """Multiply-adds x 2 of every convolution one step of `path` runs: train (forward, then
     the gradients of inputs and of kernels: 3x the forward), eval (the posterior pass) or
     sample (the prior path). Element-wise work is not counted; rematerialised forwards are not
-    counted either (work done again is not work done)."""
+    counted either (work done again is not work done). Which convs a block has and which of
+    them the prior path runs: model.block_convs."""
     per_pixel = lambda kernel: 2 * batch * int(np.prod(kernel))
     hp, total = model.hp, 0
     if path != 'sample':
         total += per_pixel(model.encoder.in_kernel.shape) * hp.image_size ** 2
-        for block in model.encoder.blocks:
-            stack = block.row.stack
-            total += sum(per_pixel(shape) for name, shape, _ in stack.pieces if name.endswith('kernel')) * block.res ** 2
-    for block in model.decoder.blocks:
-        stack = block.row.stack
-        roles = ('prior/', 'z_proj/', 'resnet/') + (() if path == 'sample' else ('posterior/',))
-        total += sum(per_pixel(shape) for name, shape, _ in stack.pieces
-                     if name.endswith('kernel') and name.startswith(roles)) * block.res ** 2
-        if block.unpool is not None:
-            total += per_pixel(block.unpool.kernel.shape) * block.mixin ** 2
+    for block in model.encoder.blocks + model.decoder.blocks:
+        stack, convs = block.row.stack, vdvae.block_convs(block)
+        kernels = [prefix + 'kernel' for prefix, _, prior_path in convs if prior_path or path != 'sample']
+        total += sum(per_pixel(stack.pieces[stack.index[k]][1]) for k in kernels) * block.res ** 2
+    total += sum(per_pixel(b.unpool.kernel.shape) * b.mixin ** 2 for b in model.decoder.blocks if b.unpool is not None)
     total += per_pixel(model.decoder.out_kernel.shape) * hp.image_size ** 2
     return total * (3 if path == 'train' else 1)
 
@@ -334,8 +302,6 @@ def main(_):
     pipeline = bench_pipelines(FLAGS.batch, FLAGS.data_seconds) if FLAGS.data else None
     if not FLAGS.grappler:
         tf.config.optimizer.set_experimental_options({'disable_meta_optimizer': True})
-    if FLAGS.layout == 'naive':
-        use_naive_layout()
     units, precision = bf16_units(), FLAGS.precision
     if precision == 'mixed_bfloat16' and not units:
         print('this CPU has no bfloat16 units (neither avx512_bf16 nor amx_bf16 in /proc/cpuinfo): '
@@ -367,9 +333,10 @@ def main(_):
             batch = FLAGS.batch if path == 'train' else FLAGS.eval_batch
             profile = os.path.join(FLAGS.profile, f'{name}-{path}') if FLAGS.profile else None
             if path == 'train':
-                model, r = bench_train_step(hp, batch, FLAGS.steps, FLAGS.remat, FLAGS.jit_compile, profile)
+                model, r = bench_train_step(hp, batch, FLAGS.steps, FLAGS.remat, FLAGS.jit_compile, profile,
+                                            FLAGS.layout)
             else:
-                model = model or vdvae.VDVAE(hp)
+                model = model or vdvae.VDVAE(hp, layout=FLAGS.layout)
                 r = (bench_eval(model, hp, batch, FLAGS.steps, FLAGS.jit_compile, profile) if path == 'eval'
                      else bench_sampling(model, batch, FLAGS.steps, FLAGS.jit_compile, profile))
             r.update(preset=name, path=path, batch=batch, params=vdvae.count_params(model),

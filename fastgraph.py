@@ -16,8 +16,8 @@ first step. Three things here change that:
   memory. The bfloat16 train step keeps GELU's output and slope instead (keeping_slopes()):
   there the recomputation cost more time than the memory was worth.
 
-Together, against a direct port (`python bench.py --presets=cifar10 --layout=naive` swaps all
-three out), cifar10 at batch 8 on this project's 2-core CPU: trace 5.6 s instead of 51.7 s,
+Together, against a direct port (the end of this file: a model's layout='naive' swaps all three
+out, `python bench.py --presets=cifar10 --layout=naive`), cifar10 at batch 8 on this project's 2-core CPU: trace 5.6 s instead of 51.7 s,
 first step 21.5 s instead of 130.6 s, steady step 7.98 s instead of 10.62 s (README, "Why the
 code looks the way it does").
 
@@ -338,3 +338,46 @@ def rematerialised(fn, *args):
         return tf.nest.flatten(out)     # tf.recompute_grad pairs output gradients with a flat list
     flat_out = tf.recompute_grad(flat_fn)(*flat_args)
     return tf.nest.pack_sequence_as(structure[0], flat_out)
+
+
+# ---------------------------------------------------------------------------------------
+# The direct port all this is measured against: VDVAE(hp, layout='naive').
+class PerBlockParams(keras.layers.Layer):
+    """ParamStack's interface over one variable per piece of every block, as a direct port of
+    the PyTorch code has them."""
+
+    def __init__(self, n, pieces, **kwargs):
+        super().__init__(**kwargs)
+        self.n, self.pieces = n, list(pieces)
+        self.index = {name: i for i, (name, _, _) in enumerate(self.pieces)}
+        init = lambda b: keras.initializers.RandomUniform(-b, b) if b else 'zeros'
+        self.per_block = [[self.add_weight(shape=shape, initializer=init(bound), name=f'{j}_{name.replace("/", "_")}')
+                           for name, shape, bound in self.pieces] for j in range(n)]
+        self.built = True
+
+    def unstack(self, dtype):
+        return [self.row(j, dtype) for j in range(self.n)]
+
+    def row(self, j, dtype):
+        return {name: tf.cast(v, dtype) for name, v in zip(self.index, self.per_block[j])}
+
+    def piece(self, name):
+        return np.stack([block[self.index[name]].numpy() for block in self.per_block])
+
+
+def naive_bottleneck(x, weights, residual):
+    """bottleneck() in plain TF ops with autodiff, on the concatenated input."""
+    h = x = tf.concat(x, -1) if isinstance(x, (tuple, list)) else x
+    for kernel, bias in weights:
+        h = conv(tf.nn.gelu(h, approximate=False), kernel, bias)
+    return x + h if residual else h
+
+
+LAYOUTS = {'stacked': (ParamStack, bottleneck), 'naive': (PerBlockParams, naive_bottleneck)}
+
+
+def layout(name):
+    """A model's (parameter holder, block function): 'stacked' (this file's), or 'naive'."""
+    if name not in LAYOUTS:
+        raise ValueError(f'layout={name!r}: choose from {", ".join(LAYOUTS)}')
+    return LAYOUTS[name]

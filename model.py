@@ -23,6 +23,7 @@ residual connection. The defaults are the paper's model.
 The blocks own no variables: each resolution stage keeps all its blocks' weights in one
 stacked variable and a block reads its row (fastgraph.py says why, and what it measured).
 """
+import collections
 import functools
 import math
 
@@ -30,25 +31,37 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import fastgraph
 import likelihood
 import update
-from fastgraph import ParamStack, StackRow, add, bottleneck, conv, rematerialised
+from fastgraph import StackRow, add, bottleneck, conv, rematerialised
 from hparams import parse_blocks, widths
 
 
 # ---------------------------------------------------------------------------------------
 # Figure 3.
-def _block_pieces(role, c_in, c_mid, c_out, use_3x3, last_scale=1.):
-    """The weights of a bottleneck block: 1x1, 3x3, 3x3, 1x1 convs (3x3 -> 1x1 at resolutions
-    <= 2), init U(+-1/sqrt(fan_in)) as PyTorch's convs; `last_scale` scales the last conv's
-    init (0: zero init)."""
-    k = 3 if use_3x3 else 1
-    shapes = [(1, c_in, c_mid), (k, c_mid, c_mid), (k, c_mid, c_mid), (1, c_mid, c_out)]
-    pieces = []
-    for i, (ks, ci, co) in enumerate(shapes, 1):
-        bound = _init_bound(ks * ks * ci, last_scale if i == 4 else 1.)
-        pieces += [(f'{role}c{i}_kernel', (ks, ks, ci, co), bound), (f'{role}c{i}_bias', (co,), 0.)]
+def block_convs(block):
+    """A block's convs from its class's ROLES (what it is made of, in the official order: role,
+    official module, 4 convs c1..c4 or 1, run on the prior path too) as (pieces' prefix, official
+    keys' prefix, prior path): ('prior/c1_', 'prior.c1.', True) for prior/c1_kernel, prior.c1.weight."""
+    return [(role + (f'c{i}_' if n > 1 else ''), module + (f'c{i}.' if n > 1 else ''), prior)
+            for role, module, n, prior in block.ROLES for i in range(1, n + 1)]
+
+
+def _pieces(block, convs):
+    """ParamStack's pieces of one block, in block_convs' order: convs {role: each conv's (kernel
+    size, in, out, init scale)}, init U(+-scale/sqrt(fan_in)) as PyTorch's convs (0: zeros)."""
+    shapes, pieces = [c for role, *_ in block.ROLES for c in convs[role]], []
+    for (name, _, _), (k, c_in, c_out, scale) in zip(block_convs(block), shapes, strict=True):
+        pieces += [(f'{name}kernel', (k, k, c_in, c_out), scale / math.sqrt(k * k * c_in)),
+                   (f'{name}bias', (c_out,), 0.)]
     return pieces
+
+
+def _bottleneck_convs(c_in, c_mid, c_out, use_3x3, last_scale=1.):
+    """A bottleneck's 1x1, 3x3, 3x3, 1x1 convs (3x3 -> 1x1 at resolutions <= 2); last_scale 0: zeros."""
+    k = 3 if use_3x3 else 1
+    return [(1, c_in, c_mid, 1.), (k, c_mid, c_mid, 1.), (k, c_mid, c_mid, 1.), (1, c_mid, c_out, last_scale)]
 
 
 def _convs(params, role):
@@ -56,30 +69,27 @@ def _convs(params, role):
     return [(params[f'{role}c{i}_kernel'], params[f'{role}c{i}_bias']) for i in range(1, 5)]
 
 
-def _init_bound(fan_in, scale=1.):
-    return scale / math.sqrt(fan_in)
-
-
-def _torch_uniform(fan_in, scale=1.):
-    bound = _init_bound(fan_in, scale)
-    return keras.initializers.RandomUniform(-bound, bound) if bound else 'zeros'
+def _torch_uniform(fan_in):
+    return keras.initializers.RandomUniform(-1. / math.sqrt(fan_in), 1. / math.sqrt(fan_in))
 
 
 class EncBlock(keras.layers.Layer):
     """Bottom-up: a residual bottleneck block (GELU before each of conv 1x1, 3x3, 3x3, 1x1),
     then average pooling by `down` if the block string says 'RdK', and zero channels padded
-    on where the next resolution is wider. Its weights are `row` of its stage's stack."""
+    on where the next resolution is wider. Its weights are `row` of its stage's stack;
+    `bottleneck`: the block function of the model's layout (fastgraph.layout)."""
+    ROLES = (('', '', 4, False),)           # what it is made of (block_convs)
 
-    def __init__(self, res, down, width_out, row, **kwargs):
+    def __init__(self, res, down, width_out, row, bottleneck=bottleneck, **kwargs):
         super().__init__(**kwargs)
-        self.res, self.down, self.width_out, self.row = res, down, width_out, row
+        self.res, self.down, self.width_out, self.row, self.bottleneck = res, down, width_out, row, bottleneck
         self.res_out = res // (down or 1)
         self.built = True
 
     def call(self, x, params=None):
         """params: this block's pieces, if the caller has split the stage already."""
         params = params if params is not None else self.row.weights(self.compute_dtype)
-        x = bottleneck(x, _convs(params, ''), residual=True)
+        x = self.bottleneck(x, _convs(params, ''), residual=True)
         if self.down:
             x = tf.nn.avg_pool2d(x, self.down, self.down, 'VALID')
         if x.shape[-1] < self.width_out:
@@ -99,10 +109,12 @@ class DecBlock(keras.layers.Layer):
     state: {resolution: tensor}, the top-down path so far; the block returns the new
     state[res] and a dict with z, the prior's (p_mean, p_logsigma) and, given the encoder's
     activations, the posterior's (q_mean, q_logsigma) and the KL per image in nats."""
+    ROLES = (('posterior/', 'enc.', 4, False), ('prior/', 'prior.', 4, True), ('z_proj/', 'z_proj.', 1, True),
+             ('resnet/', 'resnet.', 4, True))         # what it is made of (block_convs)
 
-    def __init__(self, hp, res, mixin, width, row, unpool=None, **kwargs):
+    def __init__(self, hp, res, mixin, width, row, unpool=None, bottleneck=bottleneck, **kwargs):
         super().__init__(**kwargs)
-        self.res, self.mixin, self.width, self.row = res, mixin, width, row
+        self.res, self.mixin, self.width, self.row, self.bottleneck = res, mixin, width, row, bottleneck
         self.zdim, self.residual = hp.zdim, hp.top_down_block == 'res'
         self.unpool = unpool       # a LearnedUnpool, or None for nearest neighbours
         self.built = True
@@ -120,12 +132,12 @@ class DecBlock(keras.layers.Layer):
             above = state[self.mixin]
             factor = self.res // self.mixin
             x = add(x, self.unpool(above) if self.unpool else _nearest_unpool(above[..., :self.width], factor))
-        prior = bottleneck(x, _convs(params, 'prior/'), residual=False)
+        prior = self.bottleneck(x, _convs(params, 'prior/'), residual=False)
         # tf.split, not slicing: a slice's gradient is a full-size zero tensor per slice.
         p_mean, p_logsigma, x_res = tf.split(prior, [self.zdim, self.zdim, self.width], axis=-1)
         layer = {'p': (p_mean, p_logsigma)}
         if acts is not None:
-            q = bottleneck((x, acts), _convs(params, 'posterior/'), residual=False)
+            q = self.bottleneck((x, acts), _convs(params, 'posterior/'), residual=False)
             layer['q'] = q_mean, q_logsigma = tf.split(q, 2, axis=-1)
             kl = gaussian_kl(*[tf.cast(t, tf.float32) for t in (q_mean, q_logsigma, p_mean, p_logsigma)])
             layer['kl'] = tf.reduce_sum(kl, axis=[1, 2, 3])
@@ -142,7 +154,7 @@ class DecBlock(keras.layers.Layer):
                 z = p_mean + tf.exp(p_logsigma) * tf.cast(temperature, dtype) * eps
         layer['z'] = z
         z_proj = conv(z, params['z_proj/kernel'], params['z_proj/bias'])
-        return bottleneck(add(x, x_res, z_proj), _convs(params, 'resnet/'), residual=self.residual), layer
+        return self.bottleneck(add(x, x_res, z_proj), _convs(params, 'resnet/'), residual=self.residual), layer
 
     def pieces(self):
         """{piece name: numpy array} of this block's weights (a row of its stage's stack)."""
@@ -178,22 +190,21 @@ class LearnedUnpool(keras.layers.Layer):
 class Encoder(keras.layers.Layer):
     """Bottom-up path: in_conv, then the EncBlocks; keeps the last activation per resolution."""
 
-    def __init__(self, hp, **kwargs):
+    def __init__(self, hp, layout='stacked', **kwargs):
         super().__init__(**kwargs)
         self.hp, self.width = hp, widths(hp)
         parsed = parse_blocks(hp.enc_blocks)
         self.in_kernel = self.add_weight(shape=(3, 3, hp.image_channels, hp.width), name='in_kernel',
                                          initializer=_torch_uniform(9 * hp.image_channels))
         self.in_bias = self.add_weight(shape=(hp.width,), initializer='zeros', name='in_bias')
-        scale = math.sqrt(1. / len(parsed))
+        scale, (holder, block_fn) = math.sqrt(1. / len(parsed)), fastgraph.layout(layout)
         self.stages = {}
-        for res, n in _stage_counts(parsed).items():
+        for res, n in collections.Counter(res for res, _ in parsed).items():
             w = self.width[res]
-            self.stages[res] = ParamStack(n, _block_pieces(
-                '', w, int(w * hp.bottleneck_multiple), w, res > 2, last_scale=scale), name=f'enc{res}')
-        rows = _rows(parsed, self.stages)
-        self.blocks = [EncBlock(res, down, self.width[res // (down or 1)], row, name=f'enc_block{i}')
-                       for i, ((res, down), row) in enumerate(zip(parsed, rows))]
+            convs = _bottleneck_convs(w, int(w * hp.bottleneck_multiple), w, res > 2, last_scale=scale)
+            self.stages[res] = holder(n, _pieces(EncBlock, {'': convs}), name=f'enc{res}')
+        self.blocks = [EncBlock(res, down, self.width[res // (down or 1)], row, block_fn, name=f'enc_block{i}')
+                       for i, ((res, down), row) in enumerate(zip(parsed, _rows(parsed, self.stages)))]
         self.built = True
 
     def activations(self, x, remat=False):
@@ -213,44 +224,32 @@ def _decoder_pieces(width, hp, n_total, use_3x3):
     """One DecBlock: posterior, prior (last conv zero), z_proj and resnet, with the sqrt(1/N)
     init scaling of z_proj and of resnet's last conv."""
     mid, z, scale = int(width * hp.bottleneck_multiple), hp.zdim, math.sqrt(1. / n_total)
-    return (_block_pieces('posterior/', 2 * width, mid, 2 * z, use_3x3)
-            + _block_pieces('prior/', width, mid, 2 * z + width, use_3x3, last_scale=0.)
-            + [('z_proj/kernel', (1, 1, z, width), _init_bound(z, scale)), ('z_proj/bias', (width,), 0.)]
-            + _block_pieces('resnet/', width, mid, width, use_3x3, last_scale=scale))
-
-
-def _stage_counts(blocks):
-    counts = {}
-    for res, _ in blocks:
-        counts[res] = counts.get(res, 0) + 1
-    return counts
+    return _pieces(DecBlock, {'posterior/': _bottleneck_convs(2 * width, mid, 2 * z, use_3x3),
+                              'prior/': _bottleneck_convs(width, mid, 2 * z + width, use_3x3, last_scale=0.),
+                              'z_proj/': [(1, z, width, scale)],
+                              'resnet/': _bottleneck_convs(width, mid, width, use_3x3, last_scale=scale)})
 
 
 def _rows(blocks, stages):
     """Each block's row of its stage's stack, in block-string order."""
-    used, rows = {}, []
-    for res, _ in blocks:
-        rows.append(StackRow(stages[res], used.get(res, 0)))
-        used[res] = used.get(res, 0) + 1
-    return rows
+    return [StackRow(stages[res], [r for r, _ in blocks[:i]].count(res)) for i, (res, _) in enumerate(blocks)]
 
 
 class Decoder(keras.layers.Layer):
     """Top-down path: the initial states, the DecBlocks in dec_blocks order, then gain, bias
-    and the DMoL head."""
+    and the DMoL head. layout: VDVAE's."""
 
-    def __init__(self, hp, **kwargs):
+    def __init__(self, hp, layout='stacked', **kwargs):
         super().__init__(**kwargs)
         self.hp, self.width = hp, widths(hp)
-        parsed = parse_blocks(hp.dec_blocks)
-        self.stages = {res: ParamStack(n, _decoder_pieces(self.width[res], hp, len(parsed), res > 2),
-                                       name=f'dec{res}')
-                       for res, n in _stage_counts(parsed).items()}
+        parsed, (holder, block_fn) = parse_blocks(hp.dec_blocks), fastgraph.layout(layout)
+        self.stages = {res: holder(n, _decoder_pieces(self.width[res], hp, len(parsed), res > 2), name=f'dec{res}')
+                       for res, n in collections.Counter(res for res, _ in parsed).items()}
         self.blocks = []
         for i, ((res, mixin), row) in enumerate(zip(parsed, _rows(parsed, self.stages))):
             unpool = (LearnedUnpool(self.width[mixin], self.width[res], res // mixin, name=f'dec_block{i}_unpool')
                       if mixin and hp.unpool == 'learned' else None)
-            self.blocks.append(DecBlock(hp, res, mixin, self.width[res], row, unpool, name=f'dec_block{i}'))
+            self.blocks.append(DecBlock(hp, res, mixin, self.width[res], row, unpool, block_fn, name=f'dec_block{i}'))
         self.bias_states = {res: self.add_weight(shape=(1, res, res, self.width[res]),
                                                  initializer='zeros', name=f'bias_state{res}')
                             for res in sorted(self.stages) if res <= hp.no_bias_above}
@@ -312,13 +311,14 @@ class VDVAE(update.KerasSteps, keras.Model):
     seed: an optional [2] int tensor making every random draw reproducible. compile(), fit()
     and evaluate() train and evaluate it the paper's way (update.KerasSteps)."""
 
-    def __init__(self, hp, remat=False, **kwargs):
+    def __init__(self, hp, remat=False, layout='stacked', **kwargs):
         """remat: the posterior pass keeps only each block's inputs for the backward pass and
-        computes the rest again there (less activation memory, more compute; same values)."""
+        computes the rest again there (less activation memory, more compute; same values).
+        layout 'naive': the direct port fastgraph is measured against (fastgraph.layout)."""
         super().__init__(name=kwargs.pop('name', 'vdvae'), **kwargs)
         self.hp, self.remat = hp, remat
-        self.encoder = Encoder(hp, name='encoder')
-        self.decoder = Decoder(hp, name='decoder')
+        self.encoder = Encoder(hp, layout, name='encoder')
+        self.decoder = Decoder(hp, layout, name='decoder')
         self.num_layers = len(self.decoder.blocks)
         self.built = True
 

@@ -23,7 +23,7 @@ import zipfile
 import numpy as np
 
 import hparams
-from hparams import parse_blocks
+import model as vdvae
 
 _STORAGE_DTYPES = {
     'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
@@ -205,26 +205,17 @@ def official_layout(model):
     rows = [('encoder.in_conv.weight', enc.in_kernel, None, None, 'conv'),
             ('encoder.in_conv.bias', enc.in_bias, None, None, 'same')]
 
-    def block(prefix, stack, role, j):
-        for k in range(1, 5):
-            rows.append((f'{prefix}.c{k}.weight', stack, f'{role}c{k}_kernel', j, 'conv'))
-            rows.append((f'{prefix}.c{k}.bias', stack, f'{role}c{k}_bias', j, 'same'))
+    def blocks(prefix, layers):
+        """Each block's convs, as the model's block_convs lists them, in the official order."""
+        for i, b in enumerate(layers):
+            for ours, theirs, _ in vdvae.block_convs(b):
+                rows.append((f'{prefix}.{i}.{theirs}weight', b.row.stack, f'{ours}kernel', b.row.j, 'conv'))
+                rows.append((f'{prefix}.{i}.{theirs}bias', b.row.stack, f'{ours}bias', b.row.j, 'same'))
 
-    seen = collections.Counter()
-    for i, (res, _) in enumerate(parse_blocks(model.hp.enc_blocks)):
-        block(f'encoder.enc_blocks.{i}', enc.stages[res], '', seen[res])
-        seen[res] += 1
+    blocks('encoder.enc_blocks', enc.blocks)
     rows += [('decoder.gain', dec.gain, None, None, 'channels'),
              ('decoder.bias', dec.bias, None, None, 'channels')]
-    seen = collections.Counter()
-    for i, (res, _) in enumerate(parse_blocks(model.hp.dec_blocks)):
-        stage, j, p = dec.stages[res], seen[res], f'decoder.dec_blocks.{i}'
-        block(f'{p}.enc', stage, 'posterior/', j)
-        block(f'{p}.prior', stage, 'prior/', j)
-        rows.append((f'{p}.z_proj.weight', stage, 'z_proj/kernel', j, 'conv'))
-        rows.append((f'{p}.z_proj.bias', stage, 'z_proj/bias', j, 'same'))
-        block(f'{p}.resnet', stage, 'resnet/', j)
-        seen[res] += 1
+    blocks('decoder.dec_blocks', dec.blocks)
     for k, res in enumerate(sorted(dec.bias_states)):
         rows.append((f'decoder.bias_xs.{k}', dec.bias_states[res], None, None, 'nchw'))
     rows += [('decoder.out_net.out_conv.weight', dec.out_kernel, None, None, 'conv'),

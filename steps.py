@@ -14,13 +14,13 @@ import model as vdvae
 import update
 
 
-def create_state(hp, strategy, loss_scale=1., remat=False):
+def create_state(hp, strategy, loss_scale=1., remat=False, layout='stacked'):
     """A new model and its training state (update.new_state) in the strategy's scope: the
     paper's optimizer, the EMA, the counters. loss_scale > 1: float16 training with a dynamic
     loss scale starting there. remat: the model recomputes each block's activations in the
-    backward pass (VDVAE)."""
+    backward pass; layout: VDVAE's."""
     with strategy.scope():
-        model = vdvae.VDVAE(hp, remat=remat)
+        model = vdvae.VDVAE(hp, remat=remat, layout=layout)
         model.compile(loss_scale=loss_scale)
     return model.train_state
 

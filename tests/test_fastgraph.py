@@ -3,12 +3,13 @@ autodiff, bfloat16's kept GELU slopes against recomputed ones, which blocks stay
 graph, the one-rounding add and the bfloat16 GELU kernels."""
 import math
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import bench
 import fastgraph
+import model
 
 
 def _block_case(dtype, split, seed):
@@ -33,10 +34,10 @@ def test_bottleneck_and_its_gradients_are_those_of_the_block_written_with_autodi
     """fastgraph's block (GELU recomputed in its backward pass, 1x1 kernel gradients as matrix
     products, the skip's gradient added inside GELU's; split: its input given as two tensors,
     as the posterior's is, read without concatenating them) against the block in plain TF ops
-    with autodiff on the concatenated input (bench.py's naive baseline)."""
+    with autodiff on the concatenated input (the naive layout's block, bench.py's baseline)."""
     x, weights, sources, w = _block_case(tf.float32, split, seed=0)
     results = []
-    for f in (fastgraph.bottleneck, bench.naive_bottleneck):
+    for f in (fastgraph.bottleneck, fastgraph.naive_bottleneck):
         with tf.GradientTape() as tape:
             tape.watch(sources)
             y = f(x, weights, residual)
@@ -109,3 +110,31 @@ def test_bfloat16_gelu_kernels_give_the_exact_gelu_to_bfloat16_precision():
     for ours, ref in zip((fastgraph._gelu_forward(x), fastgraph._gelu_backward(x, dy)), reference):
         assert ours.dtype == tf.bfloat16
         np.testing.assert_allclose(tf.cast(ours, tf.float32).numpy(), ref.numpy(), rtol=2. ** -8, atol=1e-5)
+
+
+def test_the_naive_layout_is_the_same_model_with_one_variable_per_conv_piece(tiny_model):
+    """VDVAE(hp, layout='naive') (bench.py --layout=naive): the same parameters, one variable
+    each, and given the same weights the same ELBO, through plain TF blocks."""
+    keras.utils.set_random_seed(2)
+    naive = model.VDVAE(tiny_model.hp, layout='naive')
+    assert model.count_params(naive) == model.count_params(tiny_model)
+    stacks = [(res, s) for part in (tiny_model.encoder, tiny_model.decoder) for res, s in part.stages.items()]
+    assert len(naive.weights) == len(tiny_model.weights) + sum(s.n * len(s.pieces) - 1 for _, s in stacks)
+    by_key = {model.checkpoint_key(v): v for v in tiny_model.weights}
+    for v in naive.weights:
+        if model.checkpoint_key(v) in by_key:
+            v.assign(by_key[model.checkpoint_key(v)])
+    for ours, theirs in ((tiny_model.encoder, naive.encoder), (tiny_model.decoder, naive.decoder)):
+        for res, stack in ours.stages.items():
+            for name, _, _ in stack.pieces:
+                for j, v in enumerate(theirs.stages[res].per_block):
+                    v[stack.index[name]].assign(stack.piece(name)[j])
+    for block, naive_block in zip(tiny_model.decoder.blocks, naive.decoder.blocks):
+        assert naive_block.bottleneck is fastgraph.naive_bottleneck
+        for name, value in block.pieces().items():
+            np.testing.assert_array_equal(naive_block.pieces()[name], value)
+    x = tf.constant(np.random.default_rng(0).uniform(-1, 1, size=(2, tiny_model.hp.image_size, tiny_model.hp.image_size, 3)), tf.float32)
+    elbo = [m.losses_per_image(x, x, seed=[3, 4])['elbo'].numpy() for m in (tiny_model, naive)]
+    np.testing.assert_allclose(elbo[1], elbo[0], rtol=1e-5)
+    with pytest.raises(ValueError, match="layout='fancy'"):
+        model.VDVAE(tiny_model.hp, layout='fancy')
