@@ -11,15 +11,15 @@ first step. Three things here change that:
   block instead of its ~30 ops, so tracing and differentiating ~250 blocks costs ~20 small
   traces.
 - the block's own gradient: the exact (erf) GELU is one XLA-fused kernel each way, recomputed
-  in the backward pass instead of stored. Written as TF ops with autodiff, GELU was about
-  half the step time and 60% of the graph's nodes; recomputing it halves the activation
-  memory. The bfloat16 train step keeps GELU's output and slope instead (keeping_slopes()):
-  there the recomputation cost more time than the memory was worth.
+  in the backward pass instead of stored. Written as TF ops with autodiff, GELU dominated the
+  step time and the graph's nodes; recomputing it also halves the activation memory. The
+  bfloat16 train step keeps GELU's output and slope instead (keeping_slopes()): there the
+  recomputation costs more time than the memory is worth.
 
-Together, against a direct port (the end of this file: a model's layout='naive' swaps all three
-out, `python bench.py --presets=cifar10 --layout=naive`), cifar10 at batch 8 on this project's 2-core CPU: trace 5.6 s instead of 51.7 s,
-first step 21.5 s instead of 130.6 s, steady step 7.98 s instead of 10.62 s (README, "Why the
-code looks the way it does").
+Together they trace, start and step several times faster than a direct port (the end of this
+file: a model's layout='naive' swaps all three out; `python bench.py --presets=cifar10
+--layout=naive` measures it, and docs/performance.md, "Stacked weights against a direct port",
+holds the figures).
 
 The layers of model.py hold references into these stacks; they own no variables of their own.
 
@@ -135,9 +135,9 @@ def keeping_slopes(keep=True):
     """Blocks built within, in bfloat16 (any 16-bit dtype), keep each GELU's output and its
     float32 slope for the backward pass instead of recomputing both there from GELU's input:
     the same numbers, bit for bit, at three times the bytes per kept activation (2 + 4 instead
-    of 2). The bfloat16 train step (cifar10, batch 8) ran 15-20% faster and peaked 1.7 GB
-    higher; in float32 it gained nothing (README, "Performance"). train.py's step computes its
-    loss within; evaluation and sampling take no gradient and keep nothing."""
+    of 2). In bfloat16 that made the train step faster for more memory; in float32 it gained
+    nothing (docs/performance.md). train.py's step computes its loss within; evaluation and
+    sampling take no gradient and keep nothing."""
     _KEEP_SLOPES.append(keep)
     try:
         yield
@@ -208,10 +208,9 @@ def _conv_of_parts(xs, kernels, bias):
 _SQRT_HALF, _INV_SQRT_2PI = math.sqrt(0.5), 1. / math.sqrt(2. * math.pi)
 
 
-# (XLA's erf is a short polynomial; erfc is 2.5x slower forward and 3.5x backward here.) The
-# element-wise kernels compute in float32 inside XLA: XLA's bfloat16 arithmetic on this
-# project's CPU took 1.7x as long as converting to float32, computing and converting back
-# (2.6 ms against 1.5 on 3M values); for float32 the casts are no-ops.
+# erf, not erfc: XLA's erf is a short polynomial. The element-wise kernels compute in float32
+# inside XLA, where bfloat16 arithmetic on a CPU is slower than converting to float32 and back
+# (docs/performance.md, "GELU: what remains"); for float32 the casts are no-ops.
 @tf.function(jit_compile=True, autograph=False)
 def _gelu_forward(x):
     x32 = tf.cast(x, tf.float32)
@@ -285,11 +284,9 @@ def conv(x, kernel, bias=None):
 
 
 def _as_matmul(x, kernel):
-    # A float32 1x1 conv as one matrix product, forward and for its input's gradient: the
-    # cifar10 train step (batch 8) ran 1.16, 1.16 img/s against 1.04, 0.96 as convs on an AMD
-    # EPYC, evaluation and sampling alike. In bfloat16 oneDNN's conv was as fast or faster on
-    # an AMX Xeon; on an AMD EPYC the product trained alike (within noise) but evaluated and
-    # sampled 2-5% slower (README, "Where the time goes now").
+    # A float32 1x1 conv as one matrix product, forward and for its input's gradient: faster
+    # than TF's conv on CPUs; in bfloat16 oneDNN's conv is as fast or faster (docs/performance.md,
+    # "Float32 1x1 convolutions as matrix products").
     return kernel.shape[:2] == (1, 1) and x.dtype == tf.float32
 
 

@@ -7,7 +7,6 @@ stopping cleanly on a signal or a storm of bad steps. The update rule and the co
 it calls are steps.py's.
 """
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -21,11 +20,14 @@ import tensorflow as tf
 
 import checkpoints
 import data
+import devices
 import figures
 import hparams
 import model as vdvae
+import runlog
 import sampling
 import steps
+import update
 
 FLAGS = flags.FLAGS
 
@@ -52,7 +54,7 @@ def define_flags():
                          '(a TPU always does; on GPUs it may be faster; README: Colab and TPU)')
     flags.DEFINE_boolean('remat', False, 'rematerialise: each block keeps only its inputs for the backward '
                          'pass and computes the rest again there (less activation memory for more compute; '
-                         'the same updates; README: Performance)')
+                         'the same updates; docs/performance.md: Memory)')
     flags.DEFINE_integer('log_every', 10, 'steps between log lines')
     flags.DEFINE_integer('steps_per_call', 0, 'updates per host call (a TPU idles while the host '
                          'dispatches each call); a call also ends where a log line, checkpoint, sample '
@@ -82,71 +84,6 @@ HELP_GROUPS['evaluation'] = ['eval_every', 'test_eval', 'ckpt', 'iw_samples', 'n
 
 
 # ---------------------------------------------------------------------------------------
-# Distribution strategy.
-
-
-def make_strategy(name='auto', tpu='local'):
-    """auto: the TPU if this machine has one, else all GPUs (Mirrored), else the default
-    strategy. A TPU that fails to start (no chips reachable, a TensorFlow wheel without TPU
-    kernels, ...) is one line on stderr, then the fallback; --strategy=tpu makes it an error."""
-    if name == 'tpu' or (name == 'auto' and hparams.tpu_present()):
-        try:
-            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
-            tf.config.experimental_connect_to_cluster(resolver)
-            tf.tpu.experimental.initialize_tpu_system(resolver)
-            return tf.distribute.TPUStrategy(resolver)
-        except Exception as e:  # noqa: BLE001 -- ValueError, NotFoundError, InvalidArgumentError...
-            why = f'the TPU ({tpu or "TPU_NAME"}) did not start: {type(e).__name__}: {data._first_line(e)}'
-            if name == 'tpu':
-                raise RuntimeError(f'{why}. A TPU VM needs the tensorflow-tpu wheel (with its libtpu) '
-                                   'instead of tensorflow; or use --strategy=auto') from None
-            print(f'strategy: {why}; falling back to GPUs or the CPU', file=sys.stderr)
-    if name == 'multiworker':
-        if 'TF_CONFIG' not in os.environ:
-            raise RuntimeError('--strategy=multiworker needs TF_CONFIG (cluster and task) in the environment')
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == 'mirrored' or (name == 'auto' and len(tf.config.list_logical_devices('GPU')) > 1):
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-def describe(strategy):
-    """What the run trains on, for its start line: the strategy and its devices."""
-    replicas = strategy.num_replicas_in_sync
-    if isinstance(strategy, tf.distribute.TPUStrategy):
-        return f'TPUStrategy, {replicas} replicas (TPU cores)'
-    if isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
-        devices = [d.split('device:')[-1] for d in strategy.extended.worker_devices]
-        workers = ''
-        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            spec = strategy.cluster_resolver.cluster_spec().as_dict()
-            tasks = sum(len(spec.get(kind, ())) for kind in ('chief', 'worker')) or 1
-            workers = f' on {tasks} machines; this one has'
-        return f'{strategy.__class__.__name__}, {replicas} replica{"s" * (replicas > 1)}{workers} ({", ".join(devices)})'
-    gpus = tf.config.list_logical_devices('GPU')
-    if gpus:
-        return f'one GPU device ({gpus[0].name.split("device:")[-1]})'
-    return 'one CPU device (no GPU visible to TensorFlow)'
-
-
-def gpu_warning():
-    """A machine with an NVIDIA driver where TensorFlow sees no GPU: on Linux that is nearly
-    always TensorFlow without its CUDA libraries, and the run would train on the CPU unasked."""
-    driver = hparams.nvidia_driver()
-    if not driver or tf.config.list_physical_devices('GPU'):
-        return None
-    return (f'warning: this machine has an NVIDIA driver ({driver}) but TensorFlow sees no GPU, so it '
-            'trains on the CPU. TensorFlow finds GPUs through its CUDA libraries, installed with '
-            'pip install -r requirements-gpu.txt (tensorflow[and-cuda]); or check CUDA_VISIBLE_DEVICES')
-
-
-def set_conv_precision(precision):
-    """'highest': float32 convolutions in full float32 wherever the hardware would round them
-    (XLA then marks every convolution operand_precision=highest); 'default': the fast mode."""
-    tf.config.experimental.enable_tensor_float_32_execution(precision == 'default')
-
-
-# ---------------------------------------------------------------------------------------
 # The preview grids' images.
 
 
@@ -156,76 +93,6 @@ def preview_images(hp, data_dir=None):
     n_valid = data.split_size(hp.dataset, 'valid', hp.image_size, data_dir)
     images = data.load_split(hp.dataset, 'valid', hp.image_size, data_dir)
     return data.preprocess(next(iter(images.shard(max(n_valid // 8, 1), 0).batch(8))), hp)
-
-
-# ---------------------------------------------------------------------------------------
-# What people look at: log.jsonl, TensorBoard, figures (progress lines: hparams.py; grids:
-# sampling.py; drawing: figures.py).
-
-
-def interval_add(interval, out):
-    """Adds one call of the training loop to the sums of a logging interval (a dict, empty at
-    its start): the official code logs per interval the means over its finite steps, the
-    largest gradient norm and the skips, not the last step's values."""
-    finite = float(out['finite'])
-    for k in ('elbo', 'distortion', 'rate', 'grad_norm'):
-        interval[k] = interval.get(k, 0.) + (float(out[k]) * finite if finite else 0.)
-    interval['finite'] = interval.get('finite', 0.) + finite
-    interval['grad_norm_max'] = max(interval.get('grad_norm_max', 0.), float(out['grad_norm_max']))
-    interval['skipped'] = interval.get('skipped', 0.) + float(out['skipped'])
-    return interval
-
-
-def interval_means(interval, steps):
-    """What a log line reports of an interval of `steps` updates: elbo, distortion, rate and
-    grad_norm averaged over its finite steps (NaN if none was), grad_norm_max, the skipped
-    updates and the non-finite steps in it."""
-    finite = interval['finite']
-    out = {k: interval[k] / finite if finite else float('nan') for k in ('elbo', 'distortion', 'rate', 'grad_norm')}
-    return dict(out, grad_norm_max=interval['grad_norm_max'], skipped=int(interval['skipped']),
-                nonfinite=int(steps - finite))
-
-
-class Log:
-    """One JSON object per line in log.jsonl, the same scalars in TensorBoard (and the preview
-    grids as images), curve.png and grad_norm.png. A write that fails stops the run in one
-    line; `kept()` says which checkpoint is left."""
-
-    def __init__(self, logdir, kept, skip_threshold):
-        self.path, self.kept, self.skip_threshold = os.path.join(logdir, 'log.jsonl'), kept, skip_threshold
-        self.tb_dir = os.path.join(logdir, 'tb')
-        with checkpoints.writing(self.tb_dir, 'TensorBoard events', kept()):
-            self.file = tf.io.gfile.GFile(self.path, 'a')
-            self.tb = tf.summary.create_file_writer(self.tb_dir)
-
-    def write_curve(self):
-        """<logdir>/curve.png (bits/dim of training and validation so far) and grad_norm.png
-        (figure 6: the largest gradient norm per log interval and the skip threshold)."""
-        with tf.io.gfile.GFile(self.path) as f:
-            lines = f.readlines()
-        folder = os.path.dirname(self.path)
-        for name, what, picture in (('curve.png', 'the training curve', figures.training_curve(lines)),
-                                    ('grad_norm.png', 'the gradient norm figure',
-                                     figures.grad_norm_figure(lines, self.skip_threshold))):
-            with checkpoints.writing(os.path.join(folder, name), what, self.kept()):
-                figures.save_png(picture, os.path.join(folder, name))
-
-    def write_image(self, step, name, image):
-        with checkpoints.writing(self.tb_dir, 'TensorBoard events', self.kept()):
-            with self.tb.as_default(step=int(step)):
-                tf.summary.image(name, image[None])
-            self.tb.flush()
-
-    def write(self, step, kind, values):
-        with checkpoints.writing(self.path, 'the log', self.kept()):
-            self.file.write(json.dumps(dict(step=int(step), kind=kind, **values)) + '\n')
-            self.file.flush()
-        # The event writer reports a full disk only when flushed, so flush at every write.
-        with checkpoints.writing(self.tb_dir, 'TensorBoard events', self.kept()):
-            with self.tb.as_default(step=int(step)):
-                for k, v in values.items():
-                    tf.summary.scalar(f'{kind}/{k}', v)
-            self.tb.flush()
 
 
 # ---------------------------------------------------------------------------------------
@@ -261,27 +128,6 @@ def test_eval(strategy):
     return result
 
 
-def stop_requested(strategy, preemption):
-    """Whether to save and stop now. Under multi-worker training a signal to any worker stops
-    them all at the same step (one all-reduce per call)."""
-    local = preemption.requested is not None
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return local
-    flag = strategy.run(lambda: tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, tf.constant(float(local))))
-    return float(strategy.experimental_local_results(flag)[0]) > 0
-
-
-def is_chief(strategy):
-    """The worker that writes logs, samples and the kept checkpoints (task 0 / 'chief')."""
-    resolver = getattr(strategy, 'cluster_resolver', None)
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
-        return True
-    return resolver.task_type == 'chief' or (
-        resolver.task_type == 'worker' and resolver.task_id == 0
-        and 'chief' not in resolver.cluster_spec().as_dict())
-
-
 def main(argv):
     try:
         run(argv)
@@ -310,32 +156,77 @@ def run(_):
     check_flags()
     if FLAGS.precision != 'float32':
         keras.config.set_dtype_policy(FLAGS.precision)
-    set_conv_precision(FLAGS.conv_precision)
+    devices.set_conv_precision(FLAGS.conv_precision)
     try:
-        strategy = make_strategy(FLAGS.strategy, FLAGS.tpu)
+        strategy = devices.make_strategy(FLAGS.strategy, FLAGS.tpu)
     except RuntimeError as e:
         hparams.fail(e)
-    if not isinstance(strategy, tf.distribute.TPUStrategy) and (warning := gpu_warning()):
+    if not isinstance(strategy, tf.distribute.TPUStrategy) and (warning := devices.gpu_warning()):
         print(warning, file=sys.stderr)
     if FLAGS.test_eval:
         test_eval(strategy)
         return
-    logdir = FLAGS.logdir or os.path.join('runs', FLAGS.hparams)
+    training = build(hp, strategy, FLAGS.logdir or os.path.join('runs', FLAGS.hparams))
+    restore(training)
+    train_loop(training)
+
+
+@dataclasses.dataclass
+class Training:
+    """A run under way: what build() makes and restore() fills in, for the loop."""
+    hp: hparams.HParams
+    strategy: tf.distribute.Strategy
+    logdir: str
+    chief: bool                 # writes logs, grids and the kept checkpoints
+    state: update.TrainState
+    ckpt: tf.train.Checkpoint
+    ckpt_dir: str
+    manager: tf.train.CheckpointManager
+    train_iter: object
+    saved_iter: bool            # the input position is in the checkpoint
+    ema_model: object           # the EMA weights, for grids and evaluation (or None)
+    eval_step: object
+    log: object = None
+    preview: tuple = ()
+    preemption: object = None
+    saved: tuple = ()           # (step, path) of the last save
+
+    def kept(self):
+        return f'; the last complete checkpoint ({self.manager.latest_checkpoint or "none yet"}) is as it was'
+
+    def save(self, step):
+        try:
+            with checkpoints.writing(self.ckpt_dir, f'checkpoint {step}', self.kept()):
+                path = checkpoints.save(self.manager, self.state, step)
+        except checkpoints.CheckpointError as e:
+            hparams.fail(e)
+        self.saved = (step, path)
+        return path
+
+    def stopping(self):
+        """A signal came: an evaluation under way is abandoned (except under multi-worker
+        training, where all workers must finish it together)."""
+        multiworker = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        return self.preemption.requested is not None and not multiworker
+
+
+def build(hp, strategy, logdir):
+    """The data, the run folder, the model and its training state, the EMA model, the
+    checkpoint and its manager, the log: everything before the first step."""
     keras.utils.set_random_seed(hp.seed)      # the same initial weights (and input order) in every run
     # The data first: a wrong path or an unprepared dataset ends here, before the model is built
     # and before the run folder is made.
     train_data = data.train_dataset(hp, strategy, FLAGS.data_dir)
-    chief = is_chief(strategy)
+    chief = devices.is_chief(strategy)
     if chief:
         checkpoints.check_run_folder(logdir, hp)
     replicas = strategy.num_replicas_in_sync
     print(f'{FLAGS.hparams}: {hp.batch_size} images per replica x {replicas} replicas = '
           f'{hp.batch_size * replicas} per step, logdir {logdir}')
-    print(f'strategy: {describe(strategy)}')
-
+    print(f'strategy: {devices.describe(strategy)}')
     state = steps.create_state(hp, strategy, loss_scale=2. ** 15 if FLAGS.precision == 'mixed_float16' else 1.,
-                         remat=FLAGS.remat)
-    # The EMA weights, for evaluation and the preview grids (what sample.py and --test_eval use).
+                               remat=FLAGS.remat)
+    ema_model = eval_step = None        # the EMA weights, for the grids and evaluation
     if FLAGS.eval_every or FLAGS.samples_every:
         with strategy.scope():
             ema_model = vdvae.VDVAE(hp)
@@ -348,103 +239,112 @@ def run(_):
     ckpt = state.checkpoint(data=train_iter) if saved_iter else state.checkpoint()
     # Every worker saves (collectives need all of them); others keep one copy in .worker-N.
     ckpt_dir = os.path.join(logdir, 'ckpt' if chief else f'.worker-{strategy.cluster_resolver.task_id}')
-    # The newest checkpoint that reads back whole and finite; damaged newer ones are moved
-    # aside (by the chief) with a warning line.
+    manager = tf.train.CheckpointManager(ckpt, ckpt_dir, FLAGS.keep_checkpoints if chief else 1)
+    training = Training(hp, strategy, logdir, chief, state, ckpt, ckpt_dir, manager, train_iter, saved_iter,
+                        ema_model, eval_step)
+    return training
+
+
+def restore(training):
+    """The newest checkpoint that reads back whole and finite, if any; damaged newer ones are
+    moved aside (by the chief) with a warning line. Then the log and the preview images."""
+    t = training
     try:
-        with checkpoints.writing(os.path.join(logdir, 'ckpt', 'corrupt'), 'a damaged checkpoint aside'):
-            latest = checkpoints.newest_good(os.path.join(logdir, 'ckpt'), move=chief)
+        with checkpoints.writing(os.path.join(t.logdir, 'ckpt', 'corrupt'), 'a damaged checkpoint aside'):
+            latest = checkpoints.newest_good(os.path.join(t.logdir, 'ckpt'), move=t.chief)
     except checkpoints.CheckpointError as e:
         hparams.fail(f'{e}; nothing was moved: mend or move these files, or use another --logdir')
-    manager = tf.train.CheckpointManager(ckpt, ckpt_dir, FLAGS.keep_checkpoints if chief else 1)
     if latest:
         try:
-            ckpt.restore(latest)       # an imported official checkpoint has no optimizer or input state
+            t.ckpt.restore(latest)       # an imported official checkpoint has no optimizer or input state
         except checkpoints.READ_ERRORS as e:
             hparams.fail(f'{latest}: cannot be restored into this run ({data._first_line(e)[:300]})')
-        print(f'resumed from {latest} at step {int(state.step.numpy())}')
-        if not saved_iter:
-            train_iter = iter(data.train_dataset(hp, strategy, FLAGS.data_dir,
-                                                 start_step=int(state.step.numpy())))
-    print(f'{vdvae.count_params(state.model):,} parameters, {state.model.num_layers} stochastic layers')
-    train_steps = steps.make_train_loop(state, hp, strategy, FLAGS.jit_compile)
+        print(f'resumed from {latest} at step {int(t.state.step.numpy())}')
+        if not t.saved_iter:
+            t.train_iter = iter(data.train_dataset(t.hp, t.strategy, FLAGS.data_dir,
+                                                   start_step=int(t.state.step.numpy())))
+    print(f'{vdvae.count_params(t.state.model):,} parameters, {t.state.model.num_layers} stochastic layers')
+    t.log = runlog.Log(t.logdir, t.kept, t.hp.skip_threshold) if t.chief else None
+    t.preview = preview_images(t.hp, FLAGS.data_dir)
+    # SIGTERM / SIGINT: the call under way ends, then a checkpoint and the end.
+    t.preemption = checkpoints.Preemption()
+
+
+def train_loop(t):
+    """Calls of several updates, each ending where a log line, checkpoint, grid or evaluation
+    is due (after_call), until hp.steps or a signal."""
+    hp, strategy = t.hp, t.strategy
+    train_steps = steps.make_train_loop(t.state, hp, strategy, FLAGS.jit_compile)
     per_call = FLAGS.steps_per_call or (FLAGS.log_every if isinstance(strategy, tf.distribute.TPUStrategy) else 1)
     events = [e for e in (FLAGS.log_every, FLAGS.save_every, FLAGS.samples_every, FLAGS.eval_every) if e > 0]
-    kept = lambda: f'; the last complete checkpoint ({manager.latest_checkpoint or "none yet"}) is as it was'
-    log = Log(logdir, kept, hp.skip_threshold) if chief else None
-    preview = preview_images(hp, FLAGS.data_dir)
-
-    saved = {}                  # the last save: {step: path}
-
-    def save():
-        try:
-            with checkpoints.writing(ckpt_dir, f'checkpoint {step}', kept()):
-                path = checkpoints.save(manager, state, step)
-        except checkpoints.CheckpointError as e:
-            hparams.fail(e)
-        saved.clear()
-        saved[step] = path
-        return path
-
-    # SIGTERM / SIGINT: the call under way ends, then a checkpoint and the end (an evaluation
-    # under way is abandoned, except under multi-worker training, where all workers must
-    # finish it together).
-    preemption = checkpoints.Preemption()
-    multiworker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-    stopping = lambda: preemption.requested is not None and not multiworker
-    step, t0, t_log = int(state.step.numpy()), time.time(), time.time()
+    step, t0, t_log = int(t.state.step.numpy()), time.time(), time.time()
     start = logged = step
     interval = {}               # sums since the last log line (interval_add)
     while step < hp.steps:
-        if stop_requested(strategy, preemption):
-            path = saved.get(step) or save()
-            who = preemption.requested or 'a signal to another worker'
+        if devices.stop_requested(strategy, t.preemption):
+            path = t.saved[1] if t.saved and t.saved[0] == step else t.save(step)
+            who = t.preemption.requested or 'a signal to another worker'
             print(f'{hparams.fresh_line()}{who}: stopped at step {step} with a checkpoint ({path}); '
                   'the same command resumes')
             return
         n = min([per_call, hp.steps - step] + [e - step % e for e in events])
         with data.clear_errors():
-            interval_add(interval, train_steps(train_iter, tf.constant(n)))
+            runlog.interval_add(interval, train_steps(t.train_iter, tf.constant(n)))
         step += n
         if step % FLAGS.log_every == 0 or step == hp.steps:
-            values = interval_means(interval, step - logged)
-            values.update(bits_per_dim=values['elbo'] / math.log(2), lr=float(state.optimizer.learning_rate),
-                          skipped_total=int(state.skipped.numpy()),
-                          images_per_s=(step - logged) * hp.batch_size * replicas / (time.time() - t_log))
-            if log:
-                log.write(step, 'train', values)
+            values = runlog.interval_means(interval, step - logged)
+            values.update(bits_per_dim=values['elbo'] / math.log(2), lr=float(t.state.optimizer.learning_rate),
+                          skipped_total=int(t.state.skipped.numpy()),
+                          images_per_s=(step - logged) * hp.batch_size * strategy.num_replicas_in_sync / (time.time() - t_log))
+            if t.log:
+                t.log.write(step, 'train', values)
             t_log, logged, interval = time.time(), step, {}
             hparams.progress(f'step {step} elbo {values["elbo"]:.4f} ({values["bits_per_dim"]:.3f} bpd) '
                              f'|g| {values["grad_norm"]:.1f} max {values["grad_norm_max"]:.1f} '
                              f'skipped {values["skipped"]} ({values["skipped_total"]} in all)',
                              step - start, hp.steps - start, t0)
-        if int(state.skips_in_a_row.numpy()) > FLAGS.max_skips_in_a_row:
-            path = save()       # skipped updates changed nothing: this is the last good state
-            hparams.fail(f'{int(state.skips_in_a_row.numpy())} updates in a row were skipped (gradient '
-                         f'norm >= skip_threshold={hp.skip_threshold} or non-finite loss): training '
-                         f'has stalled; the last good state is saved ({path}). To resume, run the same '
-                         'command with a higher --skip_threshold or a lower --lr')
-        if step % FLAGS.save_every == 0 or step == hp.steps:
-            save()
-        if chief and FLAGS.samples_every and (step % FLAGS.samples_every == 0 or step == hp.steps):
-            steps.copy_ema(state, ema_model)
-            grid = sampling.sample_grid(ema_model, *preview, seed=step, title=f'step {step}, EMA weights')
-            path = os.path.join(logdir, 'samples', f'step-{step:08d}.png')
-            with checkpoints.writing(path, 'the sample grid', kept()):
-                figures.save_png(grid, path)
-            log.write_image(step, 'preview (EMA weights)', grid)
-        if FLAGS.eval_every and (step % FLAGS.eval_every == 0 or step == hp.steps):
-            steps.copy_ema(state, ema_model)
-            result = steps.evaluate(eval_step, data.eval_dataset(hp, 'valid', strategy, FLAGS.data_dir), stop=stopping)
-            if result is None:
-                continue         # preempted: the top of the loop saves and stops
-            if log:
-                log.write(step, 'valid', result)
-            print(f'{hparams.fresh_line()}valid at step {step}: {result["elbo"]:.4f} nats/dim, '
-                  f'{result["bits_per_dim"]:.4f} bits/dim ({result["images"]} images, '
-                  f'{result["nonfinite"]} non-finite)')
-        if log and (step == hp.steps or any(e and step % e == 0 for e in (FLAGS.samples_every, FLAGS.eval_every))):
-            log.write_curve()
-    print(f'done: {step} steps, checkpoints in {os.path.join(logdir, "ckpt")}')
+        after_call(t, step)
+    print(f'done: {step} steps, checkpoints in {os.path.join(t.logdir, "ckpt")}')
+
+
+def after_call(t, step):
+    """What is due at `step`: the stall check, a checkpoint, a preview grid, an evaluation, the
+    curves."""
+    hp = t.hp
+    if int(t.state.skips_in_a_row.numpy()) > FLAGS.max_skips_in_a_row:
+        path = t.save(step)       # skipped updates changed nothing: this is the last good state
+        hparams.fail(f'{int(t.state.skips_in_a_row.numpy())} updates in a row were skipped (gradient '
+                     f'norm >= skip_threshold={hp.skip_threshold} or non-finite loss): training '
+                     f'has stalled; the last good state is saved ({path}). To resume, run the same '
+                     'command with a higher --skip_threshold or a lower --lr')
+    if _due(FLAGS.save_every, step, hp.steps):
+        t.save(step)
+    if t.chief and _due(FLAGS.samples_every, step, hp.steps):
+        steps.copy_ema(t.state, t.ema_model)
+        grid = sampling.sample_grid(t.ema_model, *t.preview, seed=step, title=f'step {step}, EMA weights')
+        path = os.path.join(t.logdir, 'samples', f'step-{step:08d}.png')
+        with checkpoints.writing(path, 'the sample grid', t.kept()):
+            figures.save_png(grid, path)
+        t.log.write_image(step, 'preview (EMA weights)', grid)
+    if _due(FLAGS.eval_every, step, hp.steps):
+        steps.copy_ema(t.state, t.ema_model)
+        result = steps.evaluate(t.eval_step, data.eval_dataset(hp, 'valid', t.strategy, FLAGS.data_dir),
+                                stop=t.stopping)
+        if result is None:
+            return               # preempted: the top of the loop saves and stops
+        if t.log:
+            t.log.write(step, 'valid', result)
+        print(f'{hparams.fresh_line()}valid at step {step}: {result["elbo"]:.4f} nats/dim, '
+              f'{result["bits_per_dim"]:.4f} bits/dim ({result["images"]} images, '
+              f'{result["nonfinite"]} non-finite)')
+    if t.log and (_due(FLAGS.samples_every, step, hp.steps) or _due(FLAGS.eval_every, step, hp.steps)
+                  or step == hp.steps):
+        t.log.write_curve()
+
+
+def _due(every, step, last):
+    """Whether a task done every `every` steps (0: never) is due at `step`; all are at the last."""
+    return bool(every) and (step % every == 0 or step == last)
 
 
 if __name__ == '__main__':

@@ -191,7 +191,7 @@ def replica_train_step(state, hp, strategy):
     model, variables = state.model, state.model.trainable_variables
     n_replicas = strategy.num_replicas_in_sync
     dynamic_scale = float(state.loss_scale.numpy()) != 1.
-    update = update_rule(state, hp, strategy)
+    apply_rule = update_rule(state, hp, strategy)
 
     def replica_step(x_in, target):
         ctx = tf.distribute.get_replica_context()
@@ -212,7 +212,7 @@ def replica_train_step(state, hp, strategy):
             grads = [g / scale for g in grads]
         sums = ctx.all_reduce(tf.distribute.ReduceOp.SUM, {k: tf.reduce_sum(v) for k, v in stats.items()})
         means = {k: v / global_batch for k, v in sums.items()}
-        grad_norm, skip = update(grads, tf.math.is_finite(means['elbo']))
+        grad_norm, skip = apply_rule(grads, tf.math.is_finite(means['elbo']))
         return dict(means, grad_norm=grad_norm, skipped=tf.cast(skip, tf.float32))
 
     return replica_step

@@ -9,9 +9,8 @@ import forked
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Scripts run as forks of one process that imported them (tests/forked.py): the same main, argv,
 # working folder, streams, environment and exit status as `python script`, without TensorFlow's
-# import (~4 s) per run. bench.py starts afresh: it reports its process's memory, and a fork's
-# resident set leaves out the parent's library pages until it touches them (bench.py --presets=tiny
-# forked: peak 0.63 GB; fresh: 0.92).
+# import per run. bench.py starts afresh: it reports its process's memory, and a fork's resident
+# set leaves out the parent's library pages until it touches them.
 FORKED = ('train.py', 'sample.py', 'convert.py', 'compress.py', 'tests/storm.py')
 # Environment variables the scripts read after start-up (a fork sets them before `main`);
 # PYTHONUNBUFFERED the fork makes true itself. Any other (PYTHONPATH, TF_CPP_*: read by the

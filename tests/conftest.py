@@ -3,13 +3,12 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # The tests compile XLA programs to check what they compute (a TPU's stand-in), not how fast
-# the CPU runs them: without LLVM's optimisation of the generated CPU code a tiny train step
-# compiled in 13 s instead of 23. The scripts the tests start inherit it.
+# the CPU runs them: without LLVM's optimisation of the generated CPU code they compile much
+# sooner (docs/performance.md, "The test suite's run time"). The scripts the tests start inherit it.
 os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
 # pytest -n N runs N test processes on the machine's cores (and each runs scripts as forks):
-# TensorFlow's op pool in each is then its share of the cores, not all of them. On 2 cores and
-# -n 2, test_train + test_storms took 182 and 193 s instead of 210 and 214 (two runs each). At
-# the README's -n 3 on 2 cores each keeps one thread.
+# TensorFlow's op pool in each is then its share of the cores, not all of them, which the
+# processes' threads would otherwise fight over. At the README's -n 3 on 2 cores each keeps one.
 _workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
 os.environ.setdefault('TF_NUM_INTRAOP_THREADS', str(max(1, (os.cpu_count() or 1) // _workers)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -13,12 +13,12 @@ import numpy as np  # noqa: E402
 
 import data  # noqa: E402
 import hparams  # noqa: E402
+import devices  # noqa: E402
 import steps  # noqa: E402
-import train  # noqa: E402
 
 
 def main(out, n_steps):
-    strategy = train.make_strategy('multiworker')
+    strategy = devices.make_strategy('multiworker')
     hp = hparams.load('tiny', batch_size=4)
     keras.utils.set_random_seed(hp.seed)
     state = steps.create_state(hp, strategy)

@@ -17,6 +17,7 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hparams  # noqa: E402
 import model  # noqa: E402
+import devices  # noqa: E402
 import train  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -56,7 +57,7 @@ def main(argv):
 
     model.VDVAE.losses_per_image = stormy
     two = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
-    train.make_strategy = lambda *a, **k: two
+    devices.make_strategy = lambda *a, **k: two
     train.main(argv)
 
 

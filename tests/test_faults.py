@@ -235,13 +235,13 @@ def test_kill_9_at_random_moments_loses_no_save_and_ends_bit_identical(straight3
                          output=out_path)
         moment = moments[attempt] if attempt < len(moments) else None
         if moment == 'start-up':
-            time.sleep(rng.uniform(.5, 3.))         # the first step comes ~7 s after the fork here
+            time.sleep(rng.uniform(.5, 3.))         # before the first step: start-up takes longer
         elif moment == 'update':      # past a save of this start's: the next start resumes
             _wait_for_step(out_path, proc, lambda n: n > 3 * (last_saved // 3 + 1))
             time.sleep(rng.uniform(0., 1.))
         elif moment == 'save':
             _wait_for_step(out_path, proc, lambda n: n % 3 == 0 and n % 10)
-            time.sleep(rng.uniform(0., 0.2))       # a save of the tiny model takes ~0.1 s
+            time.sleep(rng.uniform(0., 0.2))       # about as long as a save of the tiny model
         elif moment == 'evaluation':
             _wait_for_step(out_path, proc, lambda n: n % 10 == 0)
             time.sleep(rng.uniform(0.3, 2.))

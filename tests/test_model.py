@@ -352,7 +352,7 @@ def test_ffn_drops_exactly_the_residual_connection_of_the_top_down_res_block(tin
 
 
 def test_checkpoint_format_is_the_one_earlier_run_folders_hold(tiny_model):
-    """Run folders written before the blocks became layers (d20cf3c and earlier) hold these
+    """Run folders written before the blocks became layers (the earliest format) hold these
     keys and shapes, and each stacked row holds its block's pieces in this order; a change
     here would leave them unreadable (or worse, read into the wrong convs)."""
     assert {update.checkpoint_key(v): tuple(v.shape) for v in tiny_model.weights} == {

@@ -319,3 +319,24 @@ def test_the_readme_loads_a_trained_run_from_python(user_folder, monkeypatch):
     m, hp, step, out = namespace['m'], namespace['hp'], namespace['step'], namespace['out']
     assert m.hp == hp and hp.dataset == 'mnist5k' and step == 2 and namespace['ckpt'].endswith('ckpt-2')
     assert out['elbo'].shape == (3,) and np.all(np.isfinite(out['elbo']))
+
+
+def test_the_readme_trains_with_keras_fit(tmp_path, monkeypatch):
+    """The README's third Python block, a few steps of it: fit and evaluate on the shipped
+    demo data, with its TensorBoard callback."""
+    block = python_blocks()[2]
+    # Not collective all-reduce (this process's two CPUs): TF caches a collective's shape by
+    # instance key for the whole process, and another test's mirrored steps would meet these.
+    for old, new in (('epochs=4, steps_per_epoch=100', 'epochs=1, steps_per_epoch=4'),
+                     ('MirroredStrategy()', 'MirroredStrategy(cross_device_ops=tf.distribute.ReductionToOneDevice())'),
+                     ('steps_per_execution=10', 'steps_per_execution=2'),
+                     ("'valid', strategy)", "'valid', strategy, n_images=20)")):
+        assert old in block
+        block = block.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(block, namespace)   # noqa: S102
+    m = namespace['m']
+    assert int(m.train_state.step.numpy()) == 4 and len(namespace['ema']) == len(m.weights)
+    assert set(m.history.history) == {'loss', 'distortion', 'rate', 'grad_norm', 'skipped'}
+    assert os.listdir(tmp_path / 'runs' / 'fit' / 'train')

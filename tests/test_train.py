@@ -6,9 +6,9 @@ import pytest
 import tensorflow as tf
 
 import cli
+import devices
 import hparams
 import steps
-import train
 import update
 
 
@@ -335,11 +335,11 @@ def test_a_driver_without_a_gpu_in_tensorflow_is_one_warning_with_the_install_li
     TensorFlow without its CUDA libraries; the run says so once, and trains on the CPU."""
     if hparams.nvidia_driver() or tf.config.list_physical_devices('GPU'):
         pytest.skip('this machine has an NVIDIA driver or a GPU of its own')
-    assert train.gpu_warning() is None
+    assert devices.gpu_warning() is None
     plain = os.environ['PATH']
     path = _stub_nvidia_smi(tmp_path / 'bin') + os.pathsep + plain
     monkeypatch.setenv('PATH', path)
-    assert 'requirements-gpu.txt' in train.gpu_warning() and 'nvidia-smi' in train.gpu_warning()
+    assert 'requirements-gpu.txt' in devices.gpu_warning() and 'nvidia-smi' in devices.gpu_warning()
     run = ['--hparams=tiny', '--steps=1', '--eval_every=0', '--samples_every=0']
     r = cli.run('train.py', *run, f'--logdir={tmp_path / "a"}', env={'PATH': path})
     assert r.returncode == 0, r.stderr[-2000:]
@@ -352,9 +352,9 @@ def test_a_driver_without_a_gpu_in_tensorflow_is_one_warning_with_the_install_li
 
 
 def test_the_start_line_names_the_strategy_and_its_devices():
-    assert train.describe(tf.distribute.get_strategy()) == 'one CPU device (no GPU visible to TensorFlow)'
+    assert devices.describe(tf.distribute.get_strategy()) == 'one CPU device (no GPU visible to TensorFlow)'
     two = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
-    assert train.describe(two) == 'MirroredStrategy, 2 replicas (CPU:0, CPU:1)'
+    assert devices.describe(two) == 'MirroredStrategy, 2 replicas (CPU:0, CPU:1)'
 
 
 def test_auto_tries_no_tpu_without_a_sign_of_one(monkeypatch, capsys):
@@ -362,7 +362,7 @@ def test_auto_tries_no_tpu_without_a_sign_of_one(monkeypatch, capsys):
     monkeypatch.setattr(hparams.glob, 'glob', lambda pattern: [])
     monkeypatch.setattr(tf.distribute.cluster_resolver, 'TPUClusterResolver', None)   # would fail if called
     assert not hparams.tpu_present()
-    assert train.make_strategy('auto') is tf.distribute.get_strategy()
+    assert devices.make_strategy('auto') is tf.distribute.get_strategy()
     assert 'strategy:' not in capsys.readouterr().err
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import devices
 import hparams
 import model as vdvae
 import sampling
 import steps
-import train
 from test_train import _batch, _snapshot
 
 pytestmark = pytest.mark.smoke        # what a TPU needs, so also run under TF 2.20 (.ci/run)
@@ -153,7 +153,7 @@ def test_conv_precision_sets_every_convolution_of_the_train_step(precision, full
     would otherwise run as bfloat16 passes): every convolution of the compiled train step is
     marked operand_precision=highest; with 'default', none is."""
     hp, strategy = hparams.load('tiny'), tf.distribute.get_strategy()
-    train.set_conv_precision(precision)
+    devices.set_conv_precision(precision)
     state = steps.create_state(hp, strategy)
     loop = steps.make_train_loop(state, hp, strategy, jit_compile=True)
     hlo = loop.replica_step.experimental_get_compiler_ir(*_batch())(stage='hlo')
