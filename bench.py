@@ -44,7 +44,9 @@ import numpy as np
 import tensorflow as tf
 
 import bench_quality
+import console
 import data
+import errors
 import hparams
 import model as vdvae
 import sampling
@@ -308,8 +310,8 @@ def bench_pipelines(batch, seconds):
                                                                batch_size=batch))]:
             try:
                 rates[label] = bench_data(hp, seconds)
-            except data.DataError as e:
-                hparams.fail(e)
+            except errors.DataError as e:
+                console.fail(e)
             print(f'input pipeline {label:<19} batch {batch:>3}: {rates[label]:>9,.0f} images/s',
                   flush=True)
     return rates
@@ -317,20 +319,20 @@ def bench_pipelines(batch, seconds):
 
 def main(_):
     if FLAGS.compress:
-        hparams.at_least(compress_images=2)
+        console.at_least(compress_images=2)
         bench_quality.compression(FLAGS.compress, FLAGS.compress_images)
         return
     if FLAGS.learn:
-        hparams.at_least(learn_steps=1, learn_every=1, learn_images=0)
+        console.at_least(learn_steps=1, learn_every=1, learn_images=0)
         bench_quality.learn(FLAGS.learn_steps, FLAGS.learn_every, FLAGS.learn_images)
         return
     paths = [p for p in FLAGS.paths if p]
     if set(paths) - {'train', 'eval', 'sample'} or not paths:
-        hparams.fail(f'--paths={",".join(FLAGS.paths)}: choose from train, eval, sample')
-    hparams.at_least(batch=1, eval_batch=1, steps=1)
-    if FLAGS.profile and os.path.isfile(FLAGS.profile):     # an empty one hparams.run refuses already
-        hparams.fail(f'--profile={FLAGS.profile}: give a folder for the profiles (it is made if missing)')
-    presets = {name: hparams.exit_on_error(hparams.load, name) for name in FLAGS.presets}
+        console.fail(f'--paths={",".join(FLAGS.paths)}: choose from train, eval, sample')
+    console.at_least(batch=1, eval_batch=1, steps=1)
+    if FLAGS.profile and os.path.isfile(FLAGS.profile):     # an empty one console.run refuses already
+        console.fail(f'--profile={FLAGS.profile}: give a folder for the profiles (it is made if missing)')
+    presets = {name: console.exit_on_error(hparams.load, name) for name in FLAGS.presets}
     pipeline = bench_pipelines(FLAGS.batch, FLAGS.data_seconds) if FLAGS.data else None
     if not FLAGS.grappler:
         tf.config.optimizer.set_experimental_options({'disable_meta_optimizer': True})
@@ -400,4 +402,4 @@ def main(_):
 
 
 if __name__ == '__main__':
-    hparams.run(main)
+    console.run(main)

@@ -15,6 +15,7 @@ import tensorflow as tf
 from PIL import Image
 
 import checkpoints
+import console
 import data
 import hparams
 import model as vdvae
@@ -53,7 +54,7 @@ def learn(total_steps, every, n_images=None):
         n_steps = min(every - step % every, total_steps - step, 50)    # a progress line every 50 steps
         loop(batches, tf.constant(n_steps))
         step += n_steps
-        hparams.progress(f'step {step}', step, total_steps, t0, every=30.)
+        console.progress(f'step {step}', step, total_steps, t0, every=30.)
         if step % every and step < total_steps:
             continue
         steps.copy_ema(state, ema_model)
@@ -63,7 +64,7 @@ def learn(total_steps, every, n_images=None):
         rows.append(dict(step=step, raw=raw, ema=ema, official=official, skipped=int(state.skipped.numpy()),
                          seconds=time.time() - t0))
         them = f'{official[0]:>13.3f} {official[1]:>13.3f}' if official else f'{"-":>13} {"-":>13}'
-        print(f'{hparams.fresh_line()}{step:>5} {raw:>7.3f} {ema:>7.3f} {them} {rows[-1]["skipped"]:>8} '
+        print(f'{console.fresh_line()}{step:>5} {raw:>7.3f} {ema:>7.3f} {them} {rows[-1]["skipped"]:>8} '
               f'{rows[-1]["seconds"]:>6.0f}', flush=True)
     print(json.dumps(dict(learn=rows)))
     return rows

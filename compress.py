@@ -39,7 +39,7 @@ import tensorflow as tf
 import checkpoints
 import data
 from figures import write_png
-import hparams
+import console
 import model as vdvae
 
 CONSTRICTION = 'constriction==0.5.0'
@@ -67,7 +67,7 @@ def _constriction():
     try:
         import constriction
     except ImportError:
-        hparams.fail(f'compress.py entropy-codes with the constriction library: pip install {CONSTRICTION}')
+        console.fail(f'compress.py entropy-codes with the constriction library: pip install {CONSTRICTION}')
     return constriction
 
 
@@ -276,7 +276,7 @@ def compress(model, images, batch=4, grid=2., skip_kl=1e-2, progress=True):
             low.append(encode_batch(coder, model, latents, images[start:start + size], c_lib))
             start += size
             if progress:
-                hparams.progress('compressing', start, len(images), t0, every=30.)
+                console.progress('compressing', start, len(images), t0, every=30.)
             if min(low) < 64:
                 break
         if min(low) >= 64:
@@ -329,7 +329,7 @@ def decompress(model, blob, name='file', progress=True):
     for size in reversed(sizes):
         out.append(decode_batch(coder, model, latents, size, c_lib))
         if progress:
-            hparams.progress('decompressing', sum(len(o) for o in out), h['n'], t0, every=30.)
+            console.progress('decompressing', sum(len(o) for o in out), h['n'], t0, every=30.)
     if not np.array_equal(coder.get_compressed(), _initial_words(h['initial_words'])):
         raise FileError(f'{name}: decoding did not end where the encoder began; the file was made '
                         'on another machine or TensorFlow build, whose floats differ')
@@ -345,21 +345,21 @@ def _write(path, blob):
 
 def _refuse_existing(path):
     if os.path.exists(path) and not FLAGS.overwrite and not (os.path.isdir(path) and not os.listdir(path)):
-        hparams.fail(f'{path} exists; pass --overwrite or another --out')
+        console.fail(f'{path} exists; pass --overwrite or another --out')
 
 
 def compress_main(model, hp):
     if not FLAGS.images:
-        hparams.fail('--images is required: a folder of images, an image file or a .npy')
+        console.fail('--images is required: a folder of images, an image file or a .npy')
     if FLAGS.grid <= 0 or FLAGS.skip_kl < 0:
-        hparams.fail(f'--grid={FLAGS.grid} must be positive and --skip_kl={FLAGS.skip_kl} not negative')
+        console.fail(f'--grid={FLAGS.grid} must be positive and --skip_kl={FLAGS.skip_kl} not negative')
     _refuse_existing(FLAGS.out)
     try:
         images = data.read_images(FLAGS.images, hp, 2 ** 31)
     except data.DataError as e:
-        hparams.fail(e)
+        console.fail(e)
     if not len(images):
-        hparams.fail(f'--images={FLAGS.images}: no images in it')
+        console.fail(f'--images={FLAGS.images}: no images in it')
     blob, stats = compress(model, images, FLAGS.batch, FLAGS.grid, FLAGS.skip_kl)
     _write(FLAGS.out, blob)
     dims = images[0].size
@@ -372,15 +372,15 @@ def compress_main(model, hp):
 
 def decompress_main(model):
     if FLAGS.images:
-        hparams.fail('--images is for compressing; --decompress reads the file')
+        console.fail('--images is for compressing; --decompress reads the file')
     if not os.path.isfile(FLAGS.decompress):
-        hparams.fail(f'--decompress={FLAGS.decompress}: no such file')
+        console.fail(f'--decompress={FLAGS.decompress}: no such file')
     _refuse_existing(FLAGS.out)
     t0 = time.time()
     try:
         images = decompress(model, open(FLAGS.decompress, 'rb').read(), FLAGS.decompress)
     except FileError as e:
-        hparams.fail(e)
+        console.fail(e)
     seconds = time.time() - t0
     if FLAGS.out.endswith('.npy'):
         buffer = io.BytesIO()
@@ -397,11 +397,11 @@ def main(_):
     _constriction()
     for name in ('ckpt', 'out'):
         if not FLAGS[name].value:
-            hparams.fail(f'--{name} is required')
-    hparams.at_least(batch=1)
+            console.fail(f'--{name} is required')
+    console.at_least(batch=1)
     model, hp, _, path, step = checkpoints.load(FLAGS.ckpt)
     if hp.low_bit:
-        hparams.fail(f'{path}: a 5-bit (low_bit) model; compress.py codes 8-bit images only')
+        console.fail(f'{path}: a 5-bit (low_bit) model; compress.py codes 8-bit images only')
     print(f'{path}: {hp.dataset} {hp.image_size}x{hp.image_size}, EMA weights at step {step}')
     if FLAGS.decompress:
         decompress_main(model)
@@ -413,4 +413,4 @@ FLAGS = flags.FLAGS
 
 if __name__ == '__main__':
     define_flags()
-    hparams.run(main)
+    console.run(main)

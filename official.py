@@ -22,7 +22,8 @@ import zipfile
 
 import numpy as np
 
-import hparams
+import console
+import errors
 from hparams import parse_blocks
 
 _STORAGE_DTYPES = {
@@ -30,10 +31,6 @@ _STORAGE_DTYPES = {
     'BFloat16Storage': None, 'LongStorage': np.int64, 'IntStorage': np.int32,
     'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8, 'BoolStorage': np.bool_,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names it."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,7 +77,7 @@ def read_state_dict(path):
             names = archive.namelist()
             pkl = [n for n in names if n.endswith('/data.pkl')]
             if len(pkl) != 1:
-                raise CheckpointError(f'{path}: not a torch.save zip archive (no data.pkl)')
+                raise errors.CheckpointError(f'{path}: not a torch.save zip archive (no data.pkl)')
             prefix = pkl[0][:-len('data.pkl')]
             cache = {}
 
@@ -93,15 +90,15 @@ def read_state_dict(path):
             with archive.open(pkl[0]) as f:
                 state = _Unpickler(f, read_storage).load()
     except FileNotFoundError:
-        raise CheckpointError(f'{path}: no such file')
+        raise errors.CheckpointError(f'{path}: no such file')
     except IsADirectoryError:
-        raise CheckpointError(f'{path}: a folder, not a .th file')
+        raise errors.CheckpointError(f'{path}: a folder, not a .th file')
     except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, EOFError, ValueError) as e:
-        if isinstance(e, CheckpointError):
+        if isinstance(e, errors.CheckpointError):
             raise
-        raise CheckpointError(f'{path}: corrupt or not an official checkpoint ({e})')
+        raise errors.CheckpointError(f'{path}: corrupt or not an official checkpoint ({e})')
     if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
-        raise CheckpointError(f'{path}: holds a {type(state).__name__}, not a state_dict of tensors')
+        raise errors.CheckpointError(f'{path}: holds a {type(state).__name__}, not a state_dict of tensors')
     return {k[len('module.'):] if k.startswith('module.') else k: np.asarray(v) for k, v in state.items()}
 
 
@@ -155,7 +152,7 @@ def _pickle_state_dict(arrays):
 def write_state_dict(state_dict, path):
     """Save {key: array} in torch.save's format. Never replaces an existing file."""
     if os.path.exists(path):
-        raise CheckpointError(f'{path} exists; not overwriting it')
+        raise errors.CheckpointError(f'{path} exists; not overwriting it')
     arrays = {k: np.ascontiguousarray(v, np.dtype(v.dtype).newbyteorder('<')) for k, v in state_dict.items()}
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = path + '.tmp'
@@ -199,7 +196,7 @@ def official_layout(model):
     variants = [f'{name}={getattr(model.hp, name)}' for name, paper in (('unpool', 'nearest'), ('top_down_block', 'res'))
                 if getattr(model.hp, name) != paper]
     if variants:
-        raise CheckpointError(f'{", ".join(variants)} is a figure-5 variant the official code does not have; '
+        raise errors.CheckpointError(f'{", ".join(variants)} is a figure-5 variant the official code does not have; '
                               'only the paper\'s model (unpool=nearest, top_down_block=res) converts')
     enc, dec = model.encoder, model.decoder
     rows = [('encoder.in_conv.weight', enc.in_kernel, None, None, 'conv'),
@@ -254,14 +251,14 @@ def load_official(model, state_dict):
     if missing or unexpected:
         problems = ([f'missing {_list(missing)}'] if missing else []) + \
                    ([f'unexpected {_list(unexpected)}'] if unexpected else [])
-        raise CheckpointError(f'does not match the model of --hparams and its overrides: {"; ".join(problems)}')
+        raise errors.CheckpointError(f'does not match the model of --hparams and its overrides: {"; ".join(problems)}')
     values = {}      # variable -> the numpy array it will hold
     for key, holder, piece, j, layout_name in layout:
         to_ours, to_official = _LAYOUTS[layout_name]
         var, shape, columns = _where(holder, piece)
         official_shape = to_official(np.broadcast_to(np.float32(0), shape)).shape
         if state_dict[key].shape != official_shape:
-            raise CheckpointError(f'{key} has shape {state_dict[key].shape}; these hyperparameters '
+            raise errors.CheckpointError(f'{key} has shape {state_dict[key].shape}; these hyperparameters '
                                   f'need {official_shape}')
         values.setdefault(var.path, (var, np.array(var.numpy())))
         array, tensor = values[var.path][1], to_ours(state_dict[key])
@@ -295,8 +292,8 @@ def load_file(model, path):
     state_dict = read_state_dict(path)
     try:
         load_official(model, state_dict)
-    except CheckpointError as e:
-        raise CheckpointError(f'{path}: {e}') from None
+    except errors.CheckpointError as e:
+        raise errors.CheckpointError(f'{path}: {e}') from None
     return state_dict
 
 
@@ -325,12 +322,12 @@ def fetch(preset, folder=None, url=None):
     cache folder the first time and found there afterwards."""
     if url is None:
         if preset not in EMA_FILES:
-            raise CheckpointError(f'no released weights for the preset {preset!r}; the release has '
+            raise errors.CheckpointError(f'no released weights for the preset {preset!r}; the release has '
                                   f'{", ".join(EMA_FILES)} (or give the file\'s URL)')
         url = RELEASE + EMA_FILES[preset]
     folder = cache_dir(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise CheckpointError(f'{folder}: not a folder (the cache for downloaded checkpoints)')
+        raise errors.CheckpointError(f'{folder}: not a folder (the cache for downloaded checkpoints)')
     path = os.path.join(folder, os.path.basename(urllib.parse.urlparse(url).path) or 'checkpoint.th')
     if os.path.exists(path):
         print(f'{path}: downloaded before', file=sys.stderr)
@@ -349,9 +346,9 @@ def download(url, path):
         request = urllib.request.Request(url, headers={'Range': f'bytes={have}-'} if have else {})
         response = urllib.request.urlopen(request, timeout=60)
     except urllib.error.HTTPError as e:
-        raise CheckpointError(f'{url}: the server answered {e.code} {e.reason}') from None
+        raise errors.CheckpointError(f'{url}: the server answered {e.code} {e.reason}') from None
     except (urllib.error.URLError, ValueError, OSError) as e:
-        raise CheckpointError(f'{url}: cannot download it ({getattr(e, "reason", e)})') from None
+        raise errors.CheckpointError(f'{url}: cannot download it ({getattr(e, "reason", e)})') from None
     with response:
         resumed = have and getattr(response, 'status', None) == 206     # else the server sent it whole
         done = have if resumed else 0
@@ -365,10 +362,10 @@ def download(url, path):
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 done += len(chunk)
-                hparams.progress('downloading, MB', (done - start) / 2 ** 20, ((total or done) - start) / 2 ** 20,
+                console.progress('downloading, MB', (done - start) / 2 ** 20, ((total or done) - start) / 2 ** 20,
                                  t0, every=10.)
     if total is not None and done != total:
-        raise CheckpointError(f'{url}: the download ended at {done:,} of {total:,} bytes; run the same '
+        raise errors.CheckpointError(f'{url}: the download ended at {done:,} of {total:,} bytes; run the same '
                               f'command again to resume it ({part})')
     os.replace(part, path)
     return path

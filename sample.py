@@ -26,8 +26,9 @@ import tensorflow as tf
 
 import checkpoints
 import data
+import errors
 from figures import grid, labelled, rate_comparison, rate_figure, write_png
-import hparams
+import console
 from sampling import (default_keep, generate, latent_share, make_sampler, parse_temperatures, rate_per_layer,
                       reconstructions)
 
@@ -84,7 +85,7 @@ def output_path(folder, name, also=()):
     path = FLAGS.out or os.path.join(folder, 'figures', name)
     for p in [path] + [os.path.splitext(path)[0] + suffix for suffix in also]:
         if os.path.exists(p) and not FLAGS.overwrite:
-            hparams.fail(f'{p} exists; pass --overwrite or another --out')
+            console.fail(f'{p} exists; pass --overwrite or another --out')
     return path
 
 
@@ -101,7 +102,7 @@ def temperatures_or_fail(default, model):
     try:
         return parse_temperatures(FLAGS.temp or default, model)
     except ValueError as e:
-        hparams.fail(e)
+        console.fail(e)
 
 
 def sample_mode(model, hp, folder):
@@ -135,17 +136,17 @@ def export_mode(model, hp, folder):
     half-filled output that a metric would read as complete."""
     rows = temperatures_or_fail('1.0', model)
     if len(rows) > 1:
-        hparams.fail(f'--temp={FLAGS.temp}: --mode=export takes one temperature (or one schedule)')
+        console.fail(f'--temp={FLAGS.temp}: --mode=export takes one temperature (or one schedule)')
     path = FLAGS.out or os.path.join(folder, 'figures', f'export-t{_temp_tag()}-seed{FLAGS.seed}-n{FLAGS.n}{_pixels_tag()}')
     if os.path.exists(path):
-        hparams.fail(f'{path} exists; --mode=export never writes into an existing file or folder '
+        console.fail(f'{path} exists; --mode=export never writes into an existing file or folder '
                      '(remove it or give another --out)')
     parent = os.path.dirname(os.path.normpath(path)) or '.'
     while not os.path.exists(parent):          # the nearest folder that exists must take files
         parent = os.path.dirname(parent) or '.'
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         # Before the sampling, which may take hours, not after it.
-        hparams.fail(f'{path}: cannot write there ({parent} is {"not a folder" if not os.path.isdir(parent) else "not writable"})')
+        console.fail(f'{path}: cannot write there ({parent} is {"not a folder" if not os.path.isdir(parent) else "not writable"})')
     sampler, timings = make_sampler(model, pixels=FLAGS.pixels), []
     images = generate(sampler, FLAGS.n, rows[0][1], FLAGS.seed, FLAGS.batch, timings)
     with checkpoints.writing(path, 'the samples', '; nothing was written'):
@@ -173,9 +174,9 @@ def reconstruct_mode(model, hp, folder):
     try:
         keep = ([int(k) for k in FLAGS.keep.split(',')] if FLAGS.keep else default_keep(model))
     except ValueError:
-        hparams.fail(f'--keep={FLAGS.keep}: give a comma list of whole numbers')
+        console.fail(f'--keep={FLAGS.keep}: give a comma list of whole numbers')
     if not all(1 <= k <= model.num_layers for k in keep):
-        hparams.fail(f'--keep={FLAGS.keep}: every k must lie in 1..{model.num_layers} (the decoder\'s layers)')
+        console.fail(f'--keep={FLAGS.keep}: every k must lie in 1..{model.num_layers} (the decoder\'s layers)')
     temperature = temperatures_or_fail('0.1', model)[0][1]
     images = data.read_images(FLAGS.images, hp, FLAGS.n, FLAGS.data_dir)
     x_in, target = data.preprocess(images, hp)
@@ -199,7 +200,7 @@ def stats_mode(runs):
     hp = runs[0][1]
     for _, other, folder in runs[1:]:
         if (other.dataset, other.image_size, other.low_bit) != (hp.dataset, hp.image_size, hp.low_bit):
-            hparams.fail(f'--mode=stats compares runs on the same data: {folder} is {other.dataset} '
+            console.fail(f'--mode=stats compares runs on the same data: {folder} is {other.dataset} '
                          f'{other.image_size}x{other.image_size}, {runs[0][2]} is {hp.dataset} '
                          f'{hp.image_size}x{hp.image_size}')
     images = data.read_images(FLAGS.images, hp, FLAGS.n, FLAGS.data_dir)
@@ -243,23 +244,23 @@ def _labels(folders):
 def main(_):
     tf.get_logger().setLevel('ERROR')
     if not FLAGS.ckpt:
-        hparams.fail('--ckpt is required: a run folder or a ckpt-N prefix')
-    hparams.at_least(n=1, nrow=1, batch=1)
+        console.fail('--ckpt is required: a run folder or a ckpt-N prefix')
+    console.at_least(n=1, nrow=1, batch=1)
     unused = [name for name, modes in [('keep', ['reconstruct']), ('images', ['reconstruct', 'stats']),
                                        ('temp', ['sample', 'reconstruct', 'export']),
                                        ('data_dir', ['reconstruct', 'stats'])]
               if FLAGS[name].value is not None and FLAGS.mode not in modes]
     if unused:
-        hparams.fail(f'--{unused[0]} means nothing with --mode={FLAGS.mode}')
+        console.fail(f'--{unused[0]} means nothing with --mode={FLAGS.mode}')
     if FLAGS.pixels != 'sample' and FLAGS.mode == 'stats':
-        hparams.fail('--pixels means nothing with --mode=stats (it measures the rate, not pixels)')
+        console.fail('--pixels means nothing with --mode=stats (it measures the rate, not pixels)')
     if FLAGS.mode == 'export' and FLAGS.overwrite:
-        hparams.fail('--overwrite: --mode=export never replaces samples; remove the old ones or give another --out')
+        console.fail('--overwrite: --mode=export never replaces samples; remove the old ones or give another --out')
     ckpts = [c for c in FLAGS.ckpt.split(',') if c]
     if not ckpts:
-        hparams.fail(f'--ckpt={FLAGS.ckpt} names no run folder or ckpt-N prefix')
+        console.fail(f'--ckpt={FLAGS.ckpt} names no run folder or ckpt-N prefix')
     if len(ckpts) > 1 and FLAGS.mode != 'stats':
-        hparams.fail(f'--ckpt names {len(ckpts)} checkpoints; only --mode=stats compares several')
+        console.fail(f'--ckpt names {len(ckpts)} checkpoints; only --mode=stats compares several')
     runs = []
     for ckpt in ckpts:
         model, hp, folder, path, step = checkpoints.load(ckpt)
@@ -273,10 +274,10 @@ def main(_):
             stats_mode(runs)
         else:
             dict(sample=sample_mode, reconstruct=reconstruct_mode, export=export_mode)[FLAGS.mode](*runs[0])
-    except data.DataError as e:
-        hparams.fail(e)
+    except errors.DataError as e:
+        console.fail(e)
 
 
 if __name__ == '__main__':
     define_flags()
-    hparams.run(main)
+    console.run(main)

@@ -11,6 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 import data
+import errors
 import hparams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +22,7 @@ def images_of(ds):
 
 
 def one_line_error(fn, *args, match=None):
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(errors.DataError) as e:
         fn(*args)
     message = str(e.value)
     assert '\n' not in message
@@ -194,7 +195,7 @@ def test_truncated_image_is_named_while_reading(tmp_path):
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), np.uint8)).save(path)
     path.write_bytes(path.read_bytes()[:200])   # the header survives, the pixels do not
     splits = [data.load_split(f'folder:{folder}', s, 16) for s in ('train', 'valid')]
-    with pytest.raises(data.DataError, match=str(path)):          # the header scan passed
+    with pytest.raises(errors.DataError, match=str(path)):          # the header scan passed
         with data.clear_errors():
             for ds in splits:
                 images_of(ds)
