@@ -6,8 +6,6 @@ newest checkpoint costs the steps since the one before it, not the run.
   one (truncated, zeroed, half deleted, non-finite) is named in one warning line and moved
   aside to ckpt_dir/corrupt/ for inspection, never deleted; the one before it is tried next.
 - `save(manager, state, step)`: refuses to write non-finite weights, EMA or optimizer state.
-- `writing(path, what)`: a write that fails (a full disk, a read-only folder) ends the run in
-  one line naming the path, with no traceback.
 - `load(ckpt)`: a model holding a run folder's (or one ckpt-N's) EMA or raw weights, built from
   the folder's hparams.json; what sample.py, compress.py, convert.py --export and --test_eval
   read; a missing or damaged one is one error line.
@@ -27,6 +25,7 @@ import tensorflow as tf
 
 import console
 import errors
+import files
 import hparams
 import model as vdvae
 
@@ -68,32 +67,6 @@ def verify(prefix):
     # Raised here, not in the loop: a CheckpointError is a ValueError, which READ_ERRORS takes.
     if nonfinite_tensor is not None:
         raise errors.CheckpointError(f'{prefix}: {nonfinite_tensor} holds non-finite values')
-
-
-@contextlib.contextmanager
-def writing(path, what, then=''):
-    """Writes of `what` to `path` inside: if one fails (no space left, a read-only file
-    system, no permission), stop in one line naming the path and why, followed by `then` (what
-    is left as it was)."""
-    try:
-        yield
-    except (tf.errors.OpError, OSError) as e:
-        console.fail(f'{path}: cannot write {what} ({errors.reason(e)}){then}')
-
-
-def write_whole(path, data, suffix='.tmp'):
-    """`data` (bytes or str) to `path`: written beside it, then renamed, so that a reader never
-    sees half a file; a failed write leaves no temporary file behind. gs:// paths too."""
-    tmp = path + suffix
-    tf.io.gfile.makedirs(os.path.dirname(path) or '.')
-    try:
-        with tf.io.gfile.GFile(tmp, 'wb' if isinstance(data, bytes) else 'w') as f:
-            f.write(data)
-        tf.io.gfile.rename(tmp, path, overwrite=True)
-    except BaseException:         # a full disk: nothing half-written stays
-        if tf.io.gfile.exists(tmp):
-            tf.io.gfile.remove(tmp)
-        raise
 
 
 def move_aside(prefix):
@@ -258,10 +231,11 @@ def check_run_folder(logdir, hp):
         for k in diff:
             print(f'resuming with {k}={mine[k]} (the run had {theirs[k]})')
     # Written on every start, even unchanged: a folder we cannot write is found before training.
-    with writing(logdir, 'the run folder', '; nothing in it was changed'):
-        write_whole(path, json.dumps(mine, indent=1))
+    with files.writing(logdir, 'the run folder', '; nothing in it was changed'):
+        files.write_whole(path, json.dumps(mine, indent=1))
 
 
 # ---------------------------------------------------------------------------------------
-# Temporary aliases for train.py and steps.py, removed when they move to console/errors.
+# Temporary aliases for train.py and steps.py, removed when they move to errors/files.
 CheckpointError = errors.CheckpointError
+writing = files.writing

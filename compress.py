@@ -22,6 +22,7 @@ import coder
 import console
 import data
 import errors
+import files
 from figures import write_png
 
 
@@ -40,8 +41,8 @@ def define_flags():
 # ---------------------------------------------------------------------------------------
 # The command line.
 def _write(path, blob):
-    with checkpoints.writing(path, 'the file', '; nothing was written'):
-        checkpoints.write_whole(path, blob)
+    with files.writing(path, 'the file', '; nothing was written'):
+        files.write_whole(path, blob)
 
 
 def _refuse_existing(path):

@@ -22,6 +22,7 @@ import checkpoints
 import console
 import data
 import errors
+import files
 import hparams
 import model as vdvae
 import official
@@ -77,7 +78,7 @@ def import_run(hp, out, ema_path, model_path=None):
         official.load_file(state.model, model_path)
     checkpoints.check_run_folder(out, hp)     # after loading: a checkpoint that does not fit leaves no folder
     manager = tf.train.CheckpointManager(state.checkpoint(), ckpt_dir, 1)
-    with checkpoints.writing(ckpt_dir, 'the checkpoint'):
+    with files.writing(ckpt_dir, 'the checkpoint'):
         return manager.save(checkpoint_number=0), tensors, vdvae.count_params(state.model)
 
 
@@ -130,7 +131,7 @@ def export_main():
     if FLAGS.hparams:
         checkpoints.check_preset(hp, FLAGS.hparams)
     state_dict = official.export_official(model)
-    with checkpoints.writing(FLAGS.out, 'the checkpoint', '; nothing was written'):
+    with files.writing(FLAGS.out, 'the checkpoint', '; nothing was written'):
         official.write_state_dict(state_dict, FLAGS.out)
     print(f'{path} ({FLAGS.weights} weights, step {step}): {len(state_dict)} tensors, '
           f'{vdvae.count_params(model):,} parameters\nwrote {FLAGS.out} (torch.load reads it)')

@@ -24,6 +24,7 @@ import numpy as np
 
 import console
 import errors
+import files
 from hparams import parse_blocks
 
 _STORAGE_DTYPES = {
@@ -154,28 +155,21 @@ def write_state_dict(state_dict, path):
     if os.path.exists(path):
         raise errors.CheckpointError(f'{path} exists; not overwriting it')
     arrays = {k: np.ascontiguousarray(v, np.dtype(v.dtype).newbyteorder('<')) for k, v in state_dict.items()}
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tmp = path + '.tmp'
-    try:
-        with open(tmp, 'wb') as f, zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as archive:
-            def record(name, data):
-                info = zipfile.ZipInfo(f'archive/{name}', date_time=(1980, 1, 1, 0, 0, 0))
-                # Pad the local header so the record starts on 64 bytes, as torch does: a
-                # torch.load(mmap=True) then hands out aligned tensors.
-                pad = -(f.tell() + 30 + len(info.filename) + 4) % 64
-                info.extra = b'FB' + struct.pack('<H', pad) + b'Z' * pad
-                archive.writestr(info, data)
+    with files.replacing(path) as tmp, open(tmp, 'wb') as f, \
+            zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as archive:
+        def record(name, data):
+            info = zipfile.ZipInfo(f'archive/{name}', date_time=(1980, 1, 1, 0, 0, 0))
+            # Pad the local header so the record starts on 64 bytes, as torch does: a
+            # torch.load(mmap=True) then hands out aligned tensors.
+            pad = -(f.tell() + 30 + len(info.filename) + 4) % 64
+            info.extra = b'FB' + struct.pack('<H', pad) + b'Z' * pad
+            archive.writestr(info, data)
 
-            record('data.pkl', _pickle_state_dict(arrays))
-            record('byteorder', b'little')
-            for i, a in enumerate(arrays.values()):
-                record(f'data/{i}', a.tobytes())
-            record('version', b'3\n')
-        os.replace(tmp, path)
-    except BaseException:         # a full disk: no half-written file is left behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        record('data.pkl', _pickle_state_dict(arrays))
+        record('byteorder', b'little')
+        for i, a in enumerate(arrays.values()):
+            record(f'data/{i}', a.tobytes())
+        record('version', b'3\n')
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,6 +334,7 @@ def download(url, path):
     left there (where the server takes a Range request), checked against the length the
     server announced, then renamed; a progress line while it runs. file:// URLs take the same
     path (the tests' stand-in for https)."""
+    # Its own .part, not files.replacing: a download cut off is resumed from it, not removed.
     part = path + '.part'
     have = os.path.getsize(part) if os.path.exists(part) else 0
     try:

@@ -15,7 +15,6 @@ import csv
 import io
 import os
 import re
-import shutil
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -27,6 +26,7 @@ import tensorflow as tf
 import checkpoints
 import data
 import errors
+import files
 from figures import grid, labelled, rate_comparison, rate_figure, write_png
 import console
 from sampling import (default_keep, generate, latent_share, make_sampler, parse_temperatures, rate_per_layer,
@@ -149,22 +149,16 @@ def export_mode(model, hp, folder):
         console.fail(f'{path}: cannot write there ({parent} is {"not a folder" if not os.path.isdir(parent) else "not writable"})')
     sampler, timings = make_sampler(model, pixels=FLAGS.pixels), []
     images = generate(sampler, FLAGS.n, rows[0][1], FLAGS.seed, FLAGS.batch, timings)
-    with checkpoints.writing(path, 'the samples', '; nothing was written'):
+    with files.writing(path, 'the samples', '; nothing was written'):
         if path.endswith('.npz'):
             buffer = io.BytesIO()
             np.savez(buffer, samples=images)
-            checkpoints.write_whole(path, buffer.getvalue())
+            files.write_whole(path, buffer.getvalue())
         else:
-            part = path.rstrip('/') + '.part'
-            shutil.rmtree(part, ignore_errors=True)         # an earlier export that was cut off
-            try:
+            with files.replacing(path, '.part') as part:
                 os.makedirs(part)
                 for i, image in enumerate(images):
                     Image.fromarray(image).save(os.path.join(part, f'{i:06d}.png'))
-                os.rename(part, path)
-            except BaseException:
-                shutil.rmtree(part, ignore_errors=True)
-                raise
     rate = sum(n for n, _ in timings) / sum(t for _, t in timings)
     print(f'{len(images)} samples ({hp.image_size}x{hp.image_size}, t={rows[0][0]}, pixels {FLAGS.pixels}, '
           f'seed {FLAGS.seed}) at {rate:.1f} images/s; wrote {path}')
@@ -218,8 +212,8 @@ def stats_mode(runs):
                   f'{share[i]:.6f}'] for i, b in enumerate(model.decoder.blocks)]
     text = io.StringIO()
     csv.writer(text).writerows(rows)
-    with checkpoints.writing(csv_path, 'the table', '; nothing was written'):
-        checkpoints.write_whole(csv_path, text.getvalue())
+    with files.writing(csv_path, 'the table', '; nothing was written'):
+        files.write_whole(csv_path, text.getvalue())
     if len(runs) == 1:
         picture = rate_figure([b.res for b in results[0][1].decoder.blocks], results[0][2], latent_share(results[0][1]))
     else:
