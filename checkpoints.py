@@ -97,7 +97,7 @@ def newest_good(ckpt_dir, move=True):
         return prefix
     if bad:
         raise errors.CheckpointError(f'no checkpoint in {ckpt_dir} reads back whole: {bad[0][1]}' +
-                              (f' (and {len(bad) - 1} older ones)' if len(bad) > 1 else ''))
+                                     (f' (and {len(bad) - 1} older ones)' if len(bad) > 1 else ''))
     return None
 
 
@@ -118,7 +118,7 @@ def save(manager, state, step):
     if bad:
         latest = manager.latest_checkpoint or 'none yet'
         raise errors.CheckpointError(f'not saving step {step}: {len(bad)} variables hold non-finite values '
-                              f'({", ".join(bad[:3])}); the last good checkpoint is {latest}')
+                                     f'({", ".join(bad[:3])}); the last good checkpoint is {latest}')
     return manager.save(checkpoint_number=step)
 
 

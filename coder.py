@@ -299,7 +299,7 @@ def decompress(model, blob, name='file', progress=True):
     if (h['size'], h['layers'], h['zdim']) != (model.hp.image_size, model.num_layers, model.hp.zdim) \
             or h['weights'] != weights_hash(model):
         raise errors.FileError(f'{name} was compressed with another model (its weights hash differs from '
-                        'this checkpoint\'s): pass the --ckpt it was made with')
+                               'this checkpoint\'s): pass the --ckpt it was made with')
     coded = np.frombuffer(body[:mask_bytes], np.uint8).reshape(h['layers'], h['zdim']).astype(bool)
     coder = c_lib.stream.stack.AnsCoder(np.frombuffer(body[mask_bytes:], '<u4').astype(np.uint32))
     latents = Latents(h['grid'], coded, c_lib)
@@ -310,5 +310,5 @@ def decompress(model, blob, name='file', progress=True):
             console.progress('decompressing', sum(len(o) for o in out), h['n'], t0, every=30.)
     if not np.array_equal(coder.get_compressed(), _initial_words(h['initial_words'])):
         raise errors.FileError(f'{name}: decoding did not end where the encoder began; the file was made '
-                        'on another machine or TensorFlow build, whose floats differ')
+                               'on another machine or TensorFlow build, whose floats differ')
     return np.concatenate(out[::-1])

