@@ -16,17 +16,12 @@ memory one preset per run. Run nothing else while benchmarking.
 
     python bench.py --data --presets=cifar10 --steps=1   # input pipeline vs the model
     python bench.py --data --presets=                    # input pipeline only
-    python bench.py --learn                              # learning speed against the official code
-    python bench.py --compress=runs/demo                 # compress.py against the ELBO, PNG, WebP
 
 --data first times data.train_dataset alone (shuffle, batch, preprocess; nothing consumes the
 batches but the loop) on mnist5k and on 50,000 random cifar10-shaped images in a temporary
 .npy, then the presets' train steps, and prints how many times faster the pipeline is.
 
---learn trains a small configuration (bench_quality.LEARN) with train.py's own loop on the
-mnist5k digits for 2,000 steps and prints the validation bits/dim of the raw and the EMA
-weights every 500 steps, beside the official code's for the same configuration; --compress
-measures compress.py's files (bench_quality.py holds both).
+How fast the model learns and how well it compresses: bench_quality.py.
 """
 import collections
 import glob
@@ -43,8 +38,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import bench_quality
+import console
 import data
+import errors
 import hparams
 import model as vdvae
 import sampling
@@ -73,15 +69,6 @@ flags.DEFINE_string('profile', None, 'a folder: TensorFlow\'s profile of one mor
                     'shown by TensorBoard\'s profile tab; the peak memory then includes the profiler\'s')
 flags.DEFINE_boolean('data', False, 'also time the input pipeline alone (images/s)')
 flags.DEFINE_float('data_seconds', 3., 'seconds to time each input pipeline for')
-flags.DEFINE_boolean('learn', False, 'instead of speed: train the learning-check configuration on '
-                     'mnist5k and print validation bits/dim beside the official code\'s')
-flags.DEFINE_integer('learn_steps', 2000, 'with --learn: training steps')
-flags.DEFINE_integer('learn_every', 500, 'with --learn: steps between evaluations')
-flags.DEFINE_integer('learn_images', 0, 'with --learn: validation digits (0: all 500)')
-flags.DEFINE_string('compress', None, 'instead of speed: measure compress.py with this run folder\'s model '
-                    'on its dataset\'s test images, beside PNG and WebP')
-flags.DEFINE_integer('compress_images', 500, 'with --compress: test images (the marginal cost is the file of '
-                     'all minus the file of the first fifth)')
 FLAGS = flags.FLAGS
 
 
@@ -276,29 +263,21 @@ def bench_pipelines(batch, seconds):
                                                                batch_size=batch))]:
             try:
                 rates[label] = bench_data(hp, seconds)
-            except data.DataError as e:
-                hparams.fail(e)
+            except errors.DataError as e:
+                console.fail(e)
             print(f'input pipeline {label:<19} batch {batch:>3}: {rates[label]:>9,.0f} images/s',
                   flush=True)
     return rates
 
 
 def main(_):
-    if FLAGS.compress:
-        hparams.at_least(compress_images=2)
-        bench_quality.compression(FLAGS.compress, FLAGS.compress_images)
-        return
-    if FLAGS.learn:
-        hparams.at_least(learn_steps=1, learn_every=1, learn_images=0)
-        bench_quality.learn(FLAGS.learn_steps, FLAGS.learn_every, FLAGS.learn_images)
-        return
     paths = [p for p in FLAGS.paths if p]
     if set(paths) - {'train', 'eval', 'sample'} or not paths:
-        hparams.fail(f'--paths={",".join(FLAGS.paths)}: choose from train, eval, sample')
-    hparams.at_least(batch=1, eval_batch=1, steps=1)
-    if FLAGS.profile and os.path.isfile(FLAGS.profile):     # an empty one hparams.run refuses already
-        hparams.fail(f'--profile={FLAGS.profile}: give a folder for the profiles (it is made if missing)')
-    presets = {name: hparams.exit_on_error(hparams.load, name) for name in FLAGS.presets}
+        console.fail(f'--paths={",".join(FLAGS.paths)}: choose from train, eval, sample')
+    console.at_least(batch=1, eval_batch=1, steps=1)
+    if FLAGS.profile and os.path.isfile(FLAGS.profile):     # an empty one console.run refuses already
+        console.fail(f'--profile={FLAGS.profile}: give a folder for the profiles (it is made if missing)')
+    presets = {name: console.exit_on_error(hparams.load, name) for name in FLAGS.presets}
     pipeline = bench_pipelines(FLAGS.batch, FLAGS.data_seconds) if FLAGS.data else None
     if not FLAGS.grappler:
         tf.config.optimizer.set_experimental_options({'disable_meta_optimizer': True})
@@ -367,4 +346,4 @@ def main(_):
 
 
 if __name__ == '__main__':
-    hparams.run(main)
+    console.run(main)

@@ -1,24 +1,45 @@
-"""What bench.py measures besides speed: how fast the model learns (--learn), against the
-official code's figures for the same configuration, and how well compress.py compresses
-(--compress), against the negative ELBO, PNG and WebP. Run through bench.py's flags:
+"""What bench.py does not measure, speed aside: how fast the model learns (--learn), against
+the official code's figures for the same configuration, and how well compress.py compresses
+(--compress), against the negative ELBO, PNG and WebP.
 
-    python bench.py --learn
-    python bench.py --compress=runs/demo
+    python bench_quality.py --learn                  # learning speed against the official code
+    python bench_quality.py --compress=runs/demo     # compress.py against the ELBO, PNG, WebP
+
+--learn trains a small configuration (LEARN) with train.py's own loop on the mnist5k digits
+for 2,000 steps and prints the validation bits/dim of the raw and the EMA weights every 500
+steps, beside the official code's for the same configuration.
 """
 import io
 import json
+import os
 import time
 
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import flags
 import keras
 import numpy as np
 import tensorflow as tf
 from PIL import Image
 
 import checkpoints
+import coder
+import console
 import data
 import hparams
 import model as vdvae
 import steps
+
+flags.DEFINE_boolean('learn', False, 'train the learning-check configuration on '
+                     'mnist5k and print validation bits/dim beside the official code\'s')
+flags.DEFINE_integer('learn_steps', 2000, 'with --learn: training steps')
+flags.DEFINE_integer('learn_every', 500, 'with --learn: steps between evaluations')
+flags.DEFINE_integer('learn_images', 0, 'with --learn: validation digits (0: all 500)')
+flags.DEFINE_string('compress', None, 'measure compress.py with this run folder\'s model '
+                    'on its dataset\'s test images, beside PNG and WebP')
+flags.DEFINE_integer('compress_images', 500, 'with --compress: test images (the marginal cost is the file of '
+                     'all minus the file of the first fifth)')
+FLAGS = flags.FLAGS
 
 # --learn: does training learn at the official code's speed? The same small configuration,
 # trained by train.py's own loop on the mnist5k digits, against the official code's
@@ -53,7 +74,7 @@ def learn(total_steps, every, n_images=None):
         n_steps = min(every - step % every, total_steps - step, 50)    # a progress line every 50 steps
         loop(batches, tf.constant(n_steps))
         step += n_steps
-        hparams.progress(f'step {step}', step, total_steps, t0, every=30.)
+        console.progress(f'step {step}', step, total_steps, t0, every=30.)
         if step % every and step < total_steps:
             continue
         steps.copy_ema(state, ema_model)
@@ -63,7 +84,7 @@ def learn(total_steps, every, n_images=None):
         rows.append(dict(step=step, raw=raw, ema=ema, official=official, skipped=int(state.skipped.numpy()),
                          seconds=time.time() - t0))
         them = f'{official[0]:>13.3f} {official[1]:>13.3f}' if official else f'{"-":>13} {"-":>13}'
-        print(f'{hparams.fresh_line()}{step:>5} {raw:>7.3f} {ema:>7.3f} {them} {rows[-1]["skipped"]:>8} '
+        print(f'{console.fresh_line()}{step:>5} {raw:>7.3f} {ema:>7.3f} {them} {rows[-1]["skipped"]:>8} '
               f'{rows[-1]["seconds"]:>6.0f}', flush=True)
     print(json.dumps(dict(learn=rows)))
     return rows
@@ -72,7 +93,6 @@ def learn(total_steps, every, n_images=None):
 def compression(ckpt, n):
     """compress.py's files against the images' negative ELBO, PNG and WebP; then the cost of
     the grid (every latent coded) on a fifth of the images."""
-    import compress
     model, hp, *_ = checkpoints.load(ckpt)
     images = np.stack(list(data.load_split(hp.dataset, 'test', hp.image_size).take(n).as_numpy_iterator()))
     first, dims = max(1, len(images) // 5), images[0].size
@@ -97,11 +117,11 @@ def compression(ckpt, n):
         print(f'{name:<34} {bits(size, len(images)):.4f} bits/dim ({size:,} bytes)', flush=True)
     rows = []
     for label, options in (('defaults', {}), ('every latent (--skip_kl=0)', dict(skip_kl=0.))):
-        short, _ = compress.compress(model, images[:first], progress=False, **options)
+        short, _ = coder.compress(model, images[:first], progress=False, **options)
         t0 = time.time()
-        whole, stats = compress.compress(model, images, progress=False, **options)
+        whole, stats = coder.compress(model, images, progress=False, **options)
         t1 = time.time()
-        back = compress.decompress(model, whole, progress=False)
+        back = coder.decompress(model, whole, progress=False)
         t2 = time.time()
         assert np.array_equal(back, images), 'not lossless'
         marginal = bits(len(whole) - len(short), len(images) - first)
@@ -118,10 +138,25 @@ def compression(ckpt, n):
     part, step = images[:2 * first], max(1, first // 2)
     part_elbo = elbo(part[step:])
     for grid in (1., 2., 4., 8.):       # every latent coded: the grid's own cost
-        short, _ = compress.compress(model, part[:step], grid=grid, skip_kl=0., progress=False)
-        whole, _ = compress.compress(model, part, grid=grid, skip_kl=0., progress=False)
+        short, _ = coder.compress(model, part[:step], grid=grid, skip_kl=0., progress=False)
+        whole, _ = coder.compress(model, part, grid=grid, skip_kl=0., progress=False)
         marginal = bits(len(whole) - len(short), len(part) - step)
         rows.append(dict(label=f'grid {grid:g}', marginal=marginal, vs_elbo=marginal / part_elbo - 1))
         print(f'--grid={grid:g} --skip_kl=0: marginal {marginal:.4f} bits/dim over images {step}..{len(part)} '
               f'({100 * rows[-1]["vs_elbo"]:+.2f}% vs their ELBO)', flush=True)
     print(json.dumps(dict(compress=rows)))
+
+
+def main(_):
+    if bool(FLAGS.learn) == bool(FLAGS.compress):
+        console.fail('give --learn (learning speed) or --compress=RUN (compression), one of them')
+    if FLAGS.compress:
+        console.at_least(compress_images=2)
+        compression(FLAGS.compress, FLAGS.compress_images)
+    else:
+        console.at_least(learn_steps=1, learn_every=1, learn_images=0)
+        learn(FLAGS.learn_steps, FLAGS.learn_every, FLAGS.learn_images)
+
+
+if __name__ == '__main__':
+    console.run(main)

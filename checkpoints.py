@@ -6,8 +6,6 @@ newest checkpoint costs the steps since the one before it, not the run.
   one (truncated, zeroed, half deleted, non-finite) is named in one warning line and moved
   aside to ckpt_dir/corrupt/ for inspection, never deleted; the one before it is tried next.
 - `save(manager, state, step)`: refuses to write non-finite weights, EMA or optimizer state.
-- `writing(path, what)`: a write that fails (a full disk, a read-only folder) ends the run in
-  one line naming the path, with no traceback.
 - `load(ckpt)`: a model holding a run folder's (or one ckpt-N's) EMA or raw weights, built from
   the folder's hparams.json; what sample.py, compress.py, convert.py --export and --test_eval
   read; a missing or damaged one is one error line.
@@ -25,16 +23,16 @@ import sys
 import numpy as np
 import tensorflow as tf
 
+import console
+import errors
+import files
 import hparams
 import model as vdvae
+import update
 
 # What TF raises on a damaged bundle: DataLossError (checksum), NotFoundError (missing file),
 # IndexError (a truncated data file), OpError in general.
 READ_ERRORS = (tf.errors.OpError, IndexError, ValueError)
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be trusted; the message says which and why."""
 
 
 def _number(prefix):
@@ -55,6 +53,7 @@ def prefixes(ckpt_dir):
 def verify(prefix):
     """Read every tensor of the checkpoint back (checksums checked) and check that every
     floating-point one is finite; raise CheckpointError naming the first fault."""
+    nonfinite_tensor = None
     try:
         reader = tf.train.load_checkpoint(prefix)
         for name, dtype in sorted(reader.get_variable_to_dtype_map().items()):
@@ -62,42 +61,13 @@ def verify(prefix):
                 continue
             value = reader.get_tensor(name)
             if dtype.is_floating and not np.all(np.isfinite(value)):
-                raise CheckpointError(f'{prefix}: {name} holds non-finite values')
+                nonfinite_tensor = name
+                break
     except READ_ERRORS as e:
-        raise CheckpointError(f'{prefix}: cannot be read ({type(e).__name__}: {reason(e)[:200]})') from None
-
-
-@contextlib.contextmanager
-def writing(path, what, then=''):
-    """Writes of `what` to `path` inside: if one fails (no space left, a read-only file
-    system, no permission), stop in one line naming the path and why, followed by `then` (what
-    is left as it was)."""
-    try:
-        yield
-    except (tf.errors.OpError, OSError) as e:
-        hparams.fail(f'{path}: cannot write {what} ({reason(e)}){then}')
-
-
-def write_whole(path, data, suffix='.tmp'):
-    """`data` (bytes or str) to `path`: written beside it, then renamed, so that a reader never
-    sees half a file; a failed write leaves no temporary file behind. gs:// paths too."""
-    tmp = path + suffix
-    tf.io.gfile.makedirs(os.path.dirname(path) or '.')
-    try:
-        with tf.io.gfile.GFile(tmp, 'wb' if isinstance(data, bytes) else 'w') as f:
-            f.write(data)
-        tf.io.gfile.rename(tmp, path, overwrite=True)
-    except BaseException:         # a full disk: nothing half-written stays
-        if tf.io.gfile.exists(tmp):
-            tf.io.gfile.remove(tmp)
-        raise
-
-
-def reason(e):
-    """What an I/O error says, without TF's op and function decorations."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    text = re.sub(r'^\{\{[^}]*\}\}\s*|\s*\[Op:\w+\]$', '', text)
-    return text.rsplit('; ', 1)[-1]
+        raise errors.CheckpointError(f'{prefix}: cannot be read ({type(e).__name__}: {errors.reason(e)[:200]})') from None
+    # Raised here, not in the loop: a CheckpointError is a ValueError, which READ_ERRORS takes.
+    if nonfinite_tensor is not None:
+        raise errors.CheckpointError(f'{prefix}: {nonfinite_tensor} holds non-finite values')
 
 
 def move_aside(prefix):
@@ -119,7 +89,7 @@ def newest_good(ckpt_dir, move=True):
     for prefix in prefixes(ckpt_dir):
         try:
             verify(prefix)
-        except CheckpointError as e:
+        except errors.CheckpointError as e:
             bad.append((prefix, e))
             continue
         for prefix_bad, e in bad:
@@ -127,8 +97,8 @@ def newest_good(ckpt_dir, move=True):
             print(f'warning: {e}; {where}; using {os.path.basename(prefix)}', file=sys.stderr, flush=True)
         return prefix
     if bad:
-        raise CheckpointError(f'no checkpoint in {ckpt_dir} reads back whole: {bad[0][1]}' +
-                              (f' (and {len(bad) - 1} older ones)' if len(bad) > 1 else ''))
+        raise errors.CheckpointError(f'no checkpoint in {ckpt_dir} reads back whole: {bad[0][1]}' +
+                                     (f' (and {len(bad) - 1} older ones)' if len(bad) > 1 else ''))
     return None
 
 
@@ -148,8 +118,8 @@ def save(manager, state, step):
     bad = nonfinite(state)
     if bad:
         latest = manager.latest_checkpoint or 'none yet'
-        raise CheckpointError(f'not saving step {step}: {len(bad)} variables hold non-finite values '
-                              f'({", ".join(bad[:3])}); the last good checkpoint is {latest}')
+        raise errors.CheckpointError(f'not saving step {step}: {len(bad)} variables hold non-finite values '
+                                     f'({", ".join(bad[:3])}); the last good checkpoint is {latest}')
     return manager.save(checkpoint_number=step)
 
 
@@ -167,7 +137,7 @@ class Preemption:
             signal.raise_signal(signum)
             return
         self.requested = signal.Signals(signum).name
-        print(f'{hparams.fresh_line()}{self.requested}: saving a checkpoint at the end of this call, then stopping '
+        print(f'{console.fresh_line()}{self.requested}: saving a checkpoint at the end of this call, then stopping '
               '(send it again to stop at once)', file=sys.stderr, flush=True)
 
     def restore(self):
@@ -184,12 +154,12 @@ def load_run_hparams(ckpt):
     folder = ckpt if tf.io.gfile.isdir(ckpt) else os.path.dirname(os.path.dirname(ckpt))
     path = os.path.join(folder, 'hparams.json')
     if not tf.io.gfile.exists(path):
-        hparams.fail(f'{ckpt}: no hparams.json beside it; not a checkpoint of this project')
+        console.fail(f'{ckpt}: no hparams.json beside it; not a checkpoint of this project')
     try:
         fields = json.loads(tf.io.gfile.GFile(path).read())
         return hparams.validate(hparams.HParams(**fields)), folder
-    except (TypeError, ValueError, hparams.HParamsError) as e:
-        hparams.fail(f'{path}: {e}')
+    except (TypeError, ValueError, errors.HParamsError) as e:
+        console.fail(f'{path}: {e}')
 
 
 def checkpoint_path(ckpt, folder):
@@ -198,17 +168,17 @@ def checkpoint_path(ckpt, folder):
     if tf.io.gfile.isdir(ckpt):
         try:
             latest = newest_good(os.path.join(folder, 'ckpt'), move=False)
-        except CheckpointError as e:
-            hparams.fail(e)
+        except errors.CheckpointError as e:
+            console.fail(e)
         if latest is None:
-            hparams.fail(f'{ckpt}: no readable checkpoint in {os.path.join(folder, "ckpt")}')
+            console.fail(f'{ckpt}: no readable checkpoint in {os.path.join(folder, "ckpt")}')
         return latest
     if not tf.io.gfile.exists(ckpt + '.index'):
-        hparams.fail(f'{ckpt}: no such checkpoint ({ckpt}.index is missing)')
+        console.fail(f'{ckpt}: no such checkpoint ({ckpt}.index is missing)')
     try:
         verify(ckpt)
-    except CheckpointError as e:
-        hparams.fail(e)
+    except errors.CheckpointError as e:
+        console.fail(e)
     return ckpt
 
 
@@ -220,24 +190,24 @@ def load(ckpt, strategy=None, which='ema'):
     with strategy.scope() if strategy else contextlib.nullcontext():
         model = vdvae.VDVAE(hp)
         step = tf.Variable(0, dtype=tf.int64)
-    reader = tf.train.Checkpoint(step=step, **{which: {vdvae.checkpoint_key(v): v.value for v in model.weights}})
+    reader = tf.train.Checkpoint(step=step, **{which: {update.checkpoint_key(v): v.value for v in model.weights}})
     try:
         reader.read(path).assert_existing_objects_matched().expect_partial()
     except (*READ_ERRORS, AssertionError) as e:
-        hparams.fail(f'{path}: cannot be restored into a {hp.dataset} model of this project '
+        console.fail(f'{path}: cannot be restored into a {hp.dataset} model of this project '
                      f'({str(e).splitlines()[0][:300]})')
     return model, hp, folder, path, int(step.numpy())
 
 
 def check_preset(hp, preset):
     """--hparams is optional; if given, the checkpoint's architecture must be that preset's."""
-    expected = hparams.exit_on_error(hparams.load, preset)
+    expected = console.exit_on_error(hparams.load, preset)
     training_only = {'lr', 'adam_beta1', 'adam_beta2', 'adam_eps', 'weight_decay', 'warmup_iters',
                      'ema_rate', 'grad_clip', 'skip_threshold', 'batch_size', 'steps', 'seed'}
     diff = [f.name for f in dataclasses.fields(hp)
             if f.name not in training_only and getattr(hp, f.name) != getattr(expected, f.name)]
     if diff:
-        hparams.fail(f'the checkpoint is not a {preset} model: {", ".join(diff)} differ; '
+        console.fail(f'the checkpoint is not a {preset} model: {", ".join(diff)} differ; '
                      'drop --hparams (the checkpoint knows its own)')
 
 
@@ -256,11 +226,11 @@ def check_run_folder(logdir, hp):
         theirs = json.loads(tf.io.gfile.GFile(path).read())
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if set(diff) - set(RESUMABLE_WITH):
-            hparams.fail(f'{logdir} holds a run with other hyperparameters '
+            console.fail(f'{logdir} holds a run with other hyperparameters '
                          f'({", ".join(k for k in diff if k not in RESUMABLE_WITH)}); pass the same flags '
                          f'to resume (only {", ".join(RESUMABLE_WITH)} may change), or another folder')
         for k in diff:
             print(f'resuming with {k}={mine[k]} (the run had {theirs[k]})')
     # Written on every start, even unchanged: a folder we cannot write is found before training.
-    with writing(logdir, 'the run folder', '; nothing in it was changed'):
-        write_whole(path, json.dumps(mine, indent=1))
+    with files.writing(logdir, 'the run folder', '; nothing in it was changed'):
+        files.write_whole(path, json.dumps(mine, indent=1))

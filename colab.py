@@ -15,7 +15,7 @@ import sys
 import threading
 from importlib import metadata
 
-import hparams
+import console
 
 IN_COLAB = 'google.colab' in sys.modules
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -35,14 +35,14 @@ def install():
     or newer is already installed (Colab's CPU and GPU runtimes, whose build has its GPU
     libraries), everything but TensorFlow, Keras, TensorBoard and numpy; elsewhere
     requirements-gpu.txt on a machine with an NVIDIA driver, else requirements.txt."""
-    if hparams.tpu_present():
+    if console.tpu_present():
         files, keep = ['requirements-tpu.txt'], []
     else:
         try:
             have = metadata.version('tensorflow')
         except metadata.PackageNotFoundError:
             have = None
-        gpu = hparams.nvidia_driver()
+        gpu = console.nvidia_driver()
         files = [] if have and _at_least(have, (2, 20)) else ['requirements-gpu.txt' if gpu else 'requirements.txt']
         keep = ['tensorflow', 'keras', 'tensorboard', 'numpy'] if not files else []
         if keep:
@@ -131,10 +131,10 @@ def show(path):
 def missing_test_images(preset, dataset='', data_dir=''):
     """None if the test split of the preset's dataset can be read here (tfds prepares it where
     there is a network), else the reason, in one line."""
-    code = ('import sys, data, hparams\n'
+    code = ('import sys, data, errors, hparams\n'
             'hp = hparams.load(sys.argv[1], **({"dataset": sys.argv[2]} if sys.argv[2] else {}))\n'
             'try:\n    data.split_size(hp.dataset, "test", hp.image_size, sys.argv[3] or None)\n'
-            'except data.DataError as e:\n    print(str(e).splitlines()[0]); sys.exit(2)\n')
+            'except errors.DataError as e:\n    print(str(e).splitlines()[0]); sys.exit(2)\n')
     r = subprocess.run([sys.executable, '-c', code, preset, dataset, data_dir], cwd=ROOT, text=True,
                        capture_output=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
     if r.returncode == 0:

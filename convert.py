@@ -19,11 +19,13 @@ from absl import flags, logging
 import tensorflow as tf
 
 import checkpoints
+import console
 import data
+import errors
+import files
 import hparams
 import model as vdvae
 import official
-from official import CheckpointError
 import steps
 
 FLAGS = flags.FLAGS
@@ -56,9 +58,9 @@ def check_out(out):
     """The checkpoint folder of the run folder `out`, which must not hold a checkpoint yet."""
     ckpt_dir = os.path.join(out, 'ckpt')
     if tf.io.gfile.exists(out) and not tf.io.gfile.isdir(out):
-        raise CheckpointError(f'{out} is a file; --out names the run folder to create')
+        raise errors.CheckpointError(f'{out} is a file; --out names the run folder to create')
     if tf.io.gfile.exists(ckpt_dir) and tf.io.gfile.listdir(ckpt_dir):
-        raise CheckpointError(f'{out} already holds a checkpoint ({ckpt_dir}); not overwriting it')
+        raise errors.CheckpointError(f'{out} already holds a checkpoint ({ckpt_dir}); not overwriting it')
     return ckpt_dir
 
 
@@ -76,7 +78,7 @@ def import_run(hp, out, ema_path, model_path=None):
         official.load_file(state.model, model_path)
     checkpoints.check_run_folder(out, hp)     # after loading: a checkpoint that does not fit leaves no folder
     manager = tf.train.CheckpointManager(state.checkpoint(), ckpt_dir, 1)
-    with checkpoints.writing(ckpt_dir, 'the checkpoint'):
+    with files.writing(ckpt_dir, 'the checkpoint'):
         return manager.save(checkpoint_number=0), tensors, vdvae.count_params(state.model)
 
 
@@ -87,24 +89,24 @@ def import_run(hp, out, ema_path, model_path=None):
 def import_main():
     if FLAGS.preset:
         if FLAGS.torch_ckpt:
-            hparams.fail('--preset downloads the release\'s file; give --torch_ckpt or --preset, not both')
+            console.fail('--preset downloads the release\'s file; give --torch_ckpt or --preset, not both')
         if FLAGS.hparams and FLAGS.hparams != FLAGS.preset:
-            hparams.fail(f'--hparams={FLAGS.hparams} and --preset={FLAGS.preset} differ; --preset is enough')
+            console.fail(f'--hparams={FLAGS.hparams} and --preset={FLAGS.preset} differ; --preset is enough')
         if FLAGS.preset not in hparams.PRESETS:
-            hparams.fail(f'--preset: unknown preset {FLAGS.preset!r}; choose one of: {", ".join(official.EMA_FILES)}')
+            console.fail(f'--preset: unknown preset {FLAGS.preset!r}; choose one of: {", ".join(official.EMA_FILES)}')
         FLAGS.hparams = FLAGS.preset
     elif FLAGS.cache_dir or FLAGS.url:
-        hparams.fail(f'--{"cache_dir" if FLAGS.cache_dir else "url"} is for --preset (a download)')
+        console.fail(f'--{"cache_dir" if FLAGS.cache_dir else "url"} is for --preset (a download)')
     if not (FLAGS.torch_ckpt or FLAGS.preset) or not FLAGS.hparams:
-        hparams.fail('import needs --preset=PRESET (the release, downloaded), or --torch_ckpt=FILE.th and '
+        console.fail('import needs --preset=PRESET (the release, downloaded), or --torch_ckpt=FILE.th and '
                      '--hparams=PRESET (the configuration the checkpoint was trained with); or pass --export')
     if FLAGS.ckpt:
-        hparams.fail('--ckpt is for --export; an import reads --torch_ckpt')
-    hp = hparams.exit_on_error(hparams.from_flags)
+        console.fail('--ckpt is for --export; an import reads --torch_ckpt')
+    hp = console.exit_on_error(hparams.from_flags)
     try:        # the import reads no data, but a name train.py would refuse later is refused now
         data.check_name(hp.dataset)
-    except data.DataError as e:
-        hparams.fail(f'--dataset: {e}')
+    except errors.DataError as e:
+        console.fail(f'--dataset: {e}')
     check_out(FLAGS.out)         # before a download, not after it
     ema = FLAGS.torch_ckpt or official.fetch(FLAGS.preset, FLAGS.cache_dir, FLAGS.url)
     print(f'reading {ema}' + (f' and {FLAGS.torch_ckpt_model}' if FLAGS.torch_ckpt_model else ''))
@@ -117,19 +119,19 @@ def import_main():
 
 def export_main():
     if not FLAGS.ckpt:
-        hparams.fail('--export needs --ckpt: a run folder or a ckpt-N prefix')
+        console.fail('--export needs --ckpt: a run folder or a ckpt-N prefix')
     if FLAGS.torch_ckpt or FLAGS.torch_ckpt_model:
-        hparams.fail('--torch_ckpt and --torch_ckpt_model are for an import; drop --export')
+        console.fail('--torch_ckpt and --torch_ckpt_model are for an import; drop --export')
     if os.path.exists(FLAGS.out):
-        hparams.fail(f'{FLAGS.out} exists; not overwriting it (pass another --out)')
+        console.fail(f'{FLAGS.out} exists; not overwriting it (pass another --out)')
     overrides = [f.name for f in dataclasses.fields(hparams.HParams) if FLAGS[f.name].value is not None]
     if overrides:
-        hparams.fail(f'--export takes the hyperparameters from the run folder; drop --{overrides[0]}')
+        console.fail(f'--export takes the hyperparameters from the run folder; drop --{overrides[0]}')
     model, hp, _, path, step = checkpoints.load(FLAGS.ckpt, which='ema' if FLAGS.weights == 'ema' else 'weights')
     if FLAGS.hparams:
         checkpoints.check_preset(hp, FLAGS.hparams)
     state_dict = official.export_official(model)
-    with checkpoints.writing(FLAGS.out, 'the checkpoint', '; nothing was written'):
+    with files.writing(FLAGS.out, 'the checkpoint', '; nothing was written'):
         official.write_state_dict(state_dict, FLAGS.out)
     print(f'{path} ({FLAGS.weights} weights, step {step}): {len(state_dict)} tensors, '
           f'{vdvae.count_params(model):,} parameters\nwrote {FLAGS.out} (torch.load reads it)')
@@ -139,16 +141,16 @@ def main(_):
     tf.get_logger().setLevel('ERROR')
     logging.set_verbosity(logging.WARNING)      # TF's checkpoint saver logs at INFO
     if not FLAGS.out:
-        hparams.fail('--out is required: the run folder to create, or with --export the .th file')
+        console.fail('--out is required: the run folder to create, or with --export the .th file')
     try:
         if FLAGS.export:
             export_main()
         else:
             import_main()
-    except CheckpointError as e:
-        hparams.fail(e)
+    except errors.CheckpointError as e:
+        console.fail(e)
 
 
 if __name__ == '__main__':
     define_flags()
-    hparams.run(main)
+    console.run(main)

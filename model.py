@@ -322,6 +322,8 @@ class VDVAE(update.KerasSteps, keras.Model):
         self.num_layers = len(self.decoder.blocks)
         self.built = True
 
+    block_convs = staticmethod(block_convs)     # for official.py and bench.py, which take a model
+
     @classmethod
     def from_preset(cls, preset, cache_dir=None, url=None, **overrides):
         """The paper preset's model holding the official release's EMA weights, downloaded once
@@ -465,5 +467,3 @@ def _split_seed(seed, n):
 def count_params(model):
     return int(sum(np.prod(v.shape) for v in model.weights))
 
-
-checkpoint_key = update.checkpoint_key      # TEMP until the house branch merges

@@ -22,18 +22,15 @@ import zipfile
 
 import numpy as np
 
-import hparams
-import model as vdvae
+import console
+import errors
+import files
 
 _STORAGE_DTYPES = {
     'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
     'BFloat16Storage': None, 'LongStorage': np.int64, 'IntStorage': np.int32,
     'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8, 'BoolStorage': np.bool_,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names it."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,7 +77,7 @@ def read_state_dict(path):
             names = archive.namelist()
             pkl = [n for n in names if n.endswith('/data.pkl')]
             if len(pkl) != 1:
-                raise CheckpointError(f'{path}: not a torch.save zip archive (no data.pkl)')
+                raise errors.CheckpointError(f'{path}: not a torch.save zip archive (no data.pkl)')
             prefix = pkl[0][:-len('data.pkl')]
             cache = {}
 
@@ -93,15 +90,15 @@ def read_state_dict(path):
             with archive.open(pkl[0]) as f:
                 state = _Unpickler(f, read_storage).load()
     except FileNotFoundError:
-        raise CheckpointError(f'{path}: no such file')
+        raise errors.CheckpointError(f'{path}: no such file')
     except IsADirectoryError:
-        raise CheckpointError(f'{path}: a folder, not a .th file')
+        raise errors.CheckpointError(f'{path}: a folder, not a .th file')
     except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, EOFError, ValueError) as e:
-        if isinstance(e, CheckpointError):
+        if isinstance(e, errors.CheckpointError):
             raise
-        raise CheckpointError(f'{path}: corrupt or not an official checkpoint ({e})')
+        raise errors.CheckpointError(f'{path}: corrupt or not an official checkpoint ({e})')
     if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
-        raise CheckpointError(f'{path}: holds a {type(state).__name__}, not a state_dict of tensors')
+        raise errors.CheckpointError(f'{path}: holds a {type(state).__name__}, not a state_dict of tensors')
     return {k[len('module.'):] if k.startswith('module.') else k: np.asarray(v) for k, v in state.items()}
 
 
@@ -155,30 +152,23 @@ def _pickle_state_dict(arrays):
 def write_state_dict(state_dict, path):
     """Save {key: array} in torch.save's format. Never replaces an existing file."""
     if os.path.exists(path):
-        raise CheckpointError(f'{path} exists; not overwriting it')
+        raise errors.CheckpointError(f'{path} exists; not overwriting it')
     arrays = {k: np.ascontiguousarray(v, np.dtype(v.dtype).newbyteorder('<')) for k, v in state_dict.items()}
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tmp = path + '.tmp'
-    try:
-        with open(tmp, 'wb') as f, zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as archive:
-            def record(name, data):
-                info = zipfile.ZipInfo(f'archive/{name}', date_time=(1980, 1, 1, 0, 0, 0))
-                # Pad the local header so the record starts on 64 bytes, as torch does: a
-                # torch.load(mmap=True) then hands out aligned tensors.
-                pad = -(f.tell() + 30 + len(info.filename) + 4) % 64
-                info.extra = b'FB' + struct.pack('<H', pad) + b'Z' * pad
-                archive.writestr(info, data)
+    with files.replacing(path) as tmp, open(tmp, 'wb') as f, \
+            zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as archive:
+        def record(name, data):
+            info = zipfile.ZipInfo(f'archive/{name}', date_time=(1980, 1, 1, 0, 0, 0))
+            # Pad the local header so the record starts on 64 bytes, as torch does: a
+            # torch.load(mmap=True) then hands out aligned tensors.
+            pad = -(f.tell() + 30 + len(info.filename) + 4) % 64
+            info.extra = b'FB' + struct.pack('<H', pad) + b'Z' * pad
+            archive.writestr(info, data)
 
-            record('data.pkl', _pickle_state_dict(arrays))
-            record('byteorder', b'little')
-            for i, a in enumerate(arrays.values()):
-                record(f'data/{i}', a.tobytes())
-            record('version', b'3\n')
-        os.replace(tmp, path)
-    except BaseException:         # a full disk: no half-written file is left behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        record('data.pkl', _pickle_state_dict(arrays))
+        record('byteorder', b'little')
+        for i, a in enumerate(arrays.values()):
+            record(f'data/{i}', a.tobytes())
+        record('version', b'3\n')
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,8 +189,8 @@ def official_layout(model):
     variants = [f'{name}={getattr(model.hp, name)}' for name, paper in (('unpool', 'nearest'), ('top_down_block', 'res'))
                 if getattr(model.hp, name) != paper]
     if variants:
-        raise CheckpointError(f'{", ".join(variants)} is a figure-5 variant the official code does not have; '
-                              'only the paper\'s model (unpool=nearest, top_down_block=res) converts')
+        raise errors.CheckpointError(f'{", ".join(variants)} is a figure-5 variant the official code does not have; '
+                                     'only the paper\'s model (unpool=nearest, top_down_block=res) converts')
     enc, dec = model.encoder, model.decoder
     rows = [('encoder.in_conv.weight', enc.in_kernel, None, None, 'conv'),
             ('encoder.in_conv.bias', enc.in_bias, None, None, 'same')]
@@ -208,7 +198,7 @@ def official_layout(model):
     def blocks(prefix, layers):
         """Each block's convs, as the model's block_convs lists them, in the official order."""
         for i, b in enumerate(layers):
-            for ours, theirs, _ in vdvae.block_convs(b):
+            for ours, theirs, _ in model.block_convs(b):
                 rows.append((f'{prefix}.{i}.{theirs}weight', b.row.stack, f'{ours}kernel', b.row.j, 'conv'))
                 rows.append((f'{prefix}.{i}.{theirs}bias', b.row.stack, f'{ours}bias', b.row.j, 'same'))
 
@@ -245,15 +235,15 @@ def load_official(model, state_dict):
     if missing or unexpected:
         problems = ([f'missing {_list(missing)}'] if missing else []) + \
                    ([f'unexpected {_list(unexpected)}'] if unexpected else [])
-        raise CheckpointError(f'does not match the model of --hparams and its overrides: {"; ".join(problems)}')
+        raise errors.CheckpointError(f'does not match the model of --hparams and its overrides: {"; ".join(problems)}')
     values = {}      # variable -> the numpy array it will hold
     for key, holder, piece, j, layout_name in layout:
         to_ours, to_official = _LAYOUTS[layout_name]
         var, shape, columns = _where(holder, piece)
         official_shape = to_official(np.broadcast_to(np.float32(0), shape)).shape
         if state_dict[key].shape != official_shape:
-            raise CheckpointError(f'{key} has shape {state_dict[key].shape}; these hyperparameters '
-                                  f'need {official_shape}')
+            raise errors.CheckpointError(f'{key} has shape {state_dict[key].shape}; these hyperparameters '
+                                         f'need {official_shape}')
         values.setdefault(var.path, (var, np.array(var.numpy())))
         array, tensor = values[var.path][1], to_ours(state_dict[key])
         if columns is None:
@@ -286,8 +276,8 @@ def load_file(model, path):
     state_dict = read_state_dict(path)
     try:
         load_official(model, state_dict)
-    except CheckpointError as e:
-        raise CheckpointError(f'{path}: {e}') from None
+    except errors.CheckpointError as e:
+        raise errors.CheckpointError(f'{path}: {e}') from None
     return state_dict
 
 
@@ -316,12 +306,12 @@ def fetch(preset, folder=None, url=None):
     cache folder the first time and found there afterwards."""
     if url is None:
         if preset not in EMA_FILES:
-            raise CheckpointError(f'no released weights for the preset {preset!r}; the release has '
-                                  f'{", ".join(EMA_FILES)} (or give the file\'s URL)')
+            raise errors.CheckpointError(f'no released weights for the preset {preset!r}; the release has '
+                                         f'{", ".join(EMA_FILES)} (or give the file\'s URL)')
         url = RELEASE + EMA_FILES[preset]
     folder = cache_dir(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise CheckpointError(f'{folder}: not a folder (the cache for downloaded checkpoints)')
+        raise errors.CheckpointError(f'{folder}: not a folder (the cache for downloaded checkpoints)')
     path = os.path.join(folder, os.path.basename(urllib.parse.urlparse(url).path) or 'checkpoint.th')
     if os.path.exists(path):
         print(f'{path}: downloaded before', file=sys.stderr)
@@ -334,15 +324,16 @@ def download(url, path):
     left there (where the server takes a Range request), checked against the length the
     server announced, then renamed; a progress line while it runs. file:// URLs take the same
     path (the tests' stand-in for https)."""
+    # Its own .part, not files.replacing: a download cut off is resumed from it, not removed.
     part = path + '.part'
     have = os.path.getsize(part) if os.path.exists(part) else 0
     try:
         request = urllib.request.Request(url, headers={'Range': f'bytes={have}-'} if have else {})
         response = urllib.request.urlopen(request, timeout=60)
     except urllib.error.HTTPError as e:
-        raise CheckpointError(f'{url}: the server answered {e.code} {e.reason}') from None
+        raise errors.CheckpointError(f'{url}: the server answered {e.code} {e.reason}') from None
     except (urllib.error.URLError, ValueError, OSError) as e:
-        raise CheckpointError(f'{url}: cannot download it ({getattr(e, "reason", e)})') from None
+        raise errors.CheckpointError(f'{url}: cannot download it ({getattr(e, "reason", e)})') from None
     with response:
         resumed = have and getattr(response, 'status', None) == 206     # else the server sent it whole
         done = have if resumed else 0
@@ -356,10 +347,10 @@ def download(url, path):
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 done += len(chunk)
-                hparams.progress('downloading, MB', (done - start) / 2 ** 20, ((total or done) - start) / 2 ** 20,
+                console.progress('downloading, MB', (done - start) / 2 ** 20, ((total or done) - start) / 2 ** 20,
                                  t0, every=10.)
     if total is not None and done != total:
-        raise CheckpointError(f'{url}: the download ended at {done:,} of {total:,} bytes; run the same '
-                              f'command again to resume it ({part})')
+        raise errors.CheckpointError(f'{url}: the download ended at {done:,} of {total:,} bytes; run the same '
+                                     f'command again to resume it ({part})')
     os.replace(part, path)
     return path

@@ -5,8 +5,8 @@ import os
 
 import tensorflow as tf
 
-import checkpoints
 import figures
+import files
 
 
 def interval_add(interval, out):
@@ -40,7 +40,7 @@ class Log:
     def __init__(self, logdir, kept, skip_threshold):
         self.path, self.kept, self.skip_threshold = os.path.join(logdir, 'log.jsonl'), kept, skip_threshold
         self.tb_dir = os.path.join(logdir, 'tb')
-        with checkpoints.writing(self.tb_dir, 'TensorBoard events', kept()):
+        with files.writing(self.tb_dir, 'TensorBoard events', kept()):
             self.file = tf.io.gfile.GFile(self.path, 'a')
             self.tb = tf.summary.create_file_writer(self.tb_dir)
 
@@ -53,21 +53,21 @@ class Log:
         for name, what, picture in (('curve.png', 'the training curve', figures.training_curve(lines)),
                                     ('grad_norm.png', 'the gradient norm figure',
                                      figures.grad_norm_figure(lines, self.skip_threshold))):
-            with checkpoints.writing(os.path.join(folder, name), what, self.kept()):
+            with files.writing(os.path.join(folder, name), what, self.kept()):
                 figures.save_png(picture, os.path.join(folder, name))
 
     def write_image(self, step, name, image):
-        with checkpoints.writing(self.tb_dir, 'TensorBoard events', self.kept()):
+        with files.writing(self.tb_dir, 'TensorBoard events', self.kept()):
             with self.tb.as_default(step=int(step)):
                 tf.summary.image(name, image[None])
             self.tb.flush()
 
     def write(self, step, kind, values):
-        with checkpoints.writing(self.path, 'the log', self.kept()):
+        with files.writing(self.path, 'the log', self.kept()):
             self.file.write(json.dumps(dict(step=int(step), kind=kind, **values)) + '\n')
             self.file.flush()
         # The event writer reports a full disk only when flushed, so flush at every write.
-        with checkpoints.writing(self.tb_dir, 'TensorBoard events', self.kept()):
+        with files.writing(self.tb_dir, 'TensorBoard events', self.kept()):
             with self.tb.as_default(step=int(step)):
                 for k, v in values.items():
                     tf.summary.scalar(f'{kind}/{k}', v)

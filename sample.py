@@ -15,7 +15,6 @@ import csv
 import io
 import os
 import re
-import shutil
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -26,8 +25,10 @@ import tensorflow as tf
 
 import checkpoints
 import data
+import errors
+import files
 from figures import grid, labelled, rate_comparison, rate_figure, write_png
-import hparams
+import console
 from sampling import (default_keep, generate, latent_share, make_sampler, parse_temperatures, rate_per_layer,
                       reconstructions)
 
@@ -84,7 +85,7 @@ def output_path(folder, name, also=()):
     path = FLAGS.out or os.path.join(folder, 'figures', name)
     for p in [path] + [os.path.splitext(path)[0] + suffix for suffix in also]:
         if os.path.exists(p) and not FLAGS.overwrite:
-            hparams.fail(f'{p} exists; pass --overwrite or another --out')
+            console.fail(f'{p} exists; pass --overwrite or another --out')
     return path
 
 
@@ -101,7 +102,7 @@ def temperatures_or_fail(default, model):
     try:
         return parse_temperatures(FLAGS.temp or default, model)
     except ValueError as e:
-        hparams.fail(e)
+        console.fail(e)
 
 
 def sample_mode(model, hp, folder):
@@ -135,35 +136,29 @@ def export_mode(model, hp, folder):
     half-filled output that a metric would read as complete."""
     rows = temperatures_or_fail('1.0', model)
     if len(rows) > 1:
-        hparams.fail(f'--temp={FLAGS.temp}: --mode=export takes one temperature (or one schedule)')
+        console.fail(f'--temp={FLAGS.temp}: --mode=export takes one temperature (or one schedule)')
     path = FLAGS.out or os.path.join(folder, 'figures', f'export-t{_temp_tag()}-seed{FLAGS.seed}-n{FLAGS.n}{_pixels_tag()}')
     if os.path.exists(path):
-        hparams.fail(f'{path} exists; --mode=export never writes into an existing file or folder '
+        console.fail(f'{path} exists; --mode=export never writes into an existing file or folder '
                      '(remove it or give another --out)')
     parent = os.path.dirname(os.path.normpath(path)) or '.'
     while not os.path.exists(parent):          # the nearest folder that exists must take files
         parent = os.path.dirname(parent) or '.'
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         # Before the sampling, which may take hours, not after it.
-        hparams.fail(f'{path}: cannot write there ({parent} is {"not a folder" if not os.path.isdir(parent) else "not writable"})')
+        console.fail(f'{path}: cannot write there ({parent} is {"not a folder" if not os.path.isdir(parent) else "not writable"})')
     sampler, timings = make_sampler(model, pixels=FLAGS.pixels), []
     images = generate(sampler, FLAGS.n, rows[0][1], FLAGS.seed, FLAGS.batch, timings)
-    with checkpoints.writing(path, 'the samples', '; nothing was written'):
+    with files.writing(path, 'the samples', '; nothing was written'):
         if path.endswith('.npz'):
             buffer = io.BytesIO()
             np.savez(buffer, samples=images)
-            checkpoints.write_whole(path, buffer.getvalue())
+            files.write_whole(path, buffer.getvalue())
         else:
-            part = path.rstrip('/') + '.part'
-            shutil.rmtree(part, ignore_errors=True)         # an earlier export that was cut off
-            try:
+            with files.replacing(path, '.part') as part:
                 os.makedirs(part)
                 for i, image in enumerate(images):
                     Image.fromarray(image).save(os.path.join(part, f'{i:06d}.png'))
-                os.rename(part, path)
-            except BaseException:
-                shutil.rmtree(part, ignore_errors=True)
-                raise
     rate = sum(n for n, _ in timings) / sum(t for _, t in timings)
     print(f'{len(images)} samples ({hp.image_size}x{hp.image_size}, t={rows[0][0]}, pixels {FLAGS.pixels}, '
           f'seed {FLAGS.seed}) at {rate:.1f} images/s; wrote {path}')
@@ -173,9 +168,9 @@ def reconstruct_mode(model, hp, folder):
     try:
         keep = ([int(k) for k in FLAGS.keep.split(',')] if FLAGS.keep else default_keep(model))
     except ValueError:
-        hparams.fail(f'--keep={FLAGS.keep}: give a comma list of whole numbers')
+        console.fail(f'--keep={FLAGS.keep}: give a comma list of whole numbers')
     if not all(1 <= k <= model.num_layers for k in keep):
-        hparams.fail(f'--keep={FLAGS.keep}: every k must lie in 1..{model.num_layers} (the decoder\'s layers)')
+        console.fail(f'--keep={FLAGS.keep}: every k must lie in 1..{model.num_layers} (the decoder\'s layers)')
     temperature = temperatures_or_fail('0.1', model)[0][1]
     images = data.read_images(FLAGS.images, hp, FLAGS.n, FLAGS.data_dir)
     x_in, target = data.preprocess(images, hp)
@@ -199,7 +194,7 @@ def stats_mode(runs):
     hp = runs[0][1]
     for _, other, folder in runs[1:]:
         if (other.dataset, other.image_size, other.low_bit) != (hp.dataset, hp.image_size, hp.low_bit):
-            hparams.fail(f'--mode=stats compares runs on the same data: {folder} is {other.dataset} '
+            console.fail(f'--mode=stats compares runs on the same data: {folder} is {other.dataset} '
                          f'{other.image_size}x{other.image_size}, {runs[0][2]} is {hp.dataset} '
                          f'{hp.image_size}x{hp.image_size}')
     images = data.read_images(FLAGS.images, hp, FLAGS.n, FLAGS.data_dir)
@@ -217,8 +212,8 @@ def stats_mode(runs):
                   f'{share[i]:.6f}'] for i, b in enumerate(model.decoder.blocks)]
     text = io.StringIO()
     csv.writer(text).writerows(rows)
-    with checkpoints.writing(csv_path, 'the table', '; nothing was written'):
-        checkpoints.write_whole(csv_path, text.getvalue())
+    with files.writing(csv_path, 'the table', '; nothing was written'):
+        files.write_whole(csv_path, text.getvalue())
     if len(runs) == 1:
         picture = rate_figure([b.res for b in results[0][1].decoder.blocks], results[0][2], latent_share(results[0][1]))
     else:
@@ -243,23 +238,23 @@ def _labels(folders):
 def main(_):
     tf.get_logger().setLevel('ERROR')
     if not FLAGS.ckpt:
-        hparams.fail('--ckpt is required: a run folder or a ckpt-N prefix')
-    hparams.at_least(n=1, nrow=1, batch=1)
+        console.fail('--ckpt is required: a run folder or a ckpt-N prefix')
+    console.at_least(n=1, nrow=1, batch=1)
     unused = [name for name, modes in [('keep', ['reconstruct']), ('images', ['reconstruct', 'stats']),
                                        ('temp', ['sample', 'reconstruct', 'export']),
                                        ('data_dir', ['reconstruct', 'stats'])]
               if FLAGS[name].value is not None and FLAGS.mode not in modes]
     if unused:
-        hparams.fail(f'--{unused[0]} means nothing with --mode={FLAGS.mode}')
+        console.fail(f'--{unused[0]} means nothing with --mode={FLAGS.mode}')
     if FLAGS.pixels != 'sample' and FLAGS.mode == 'stats':
-        hparams.fail('--pixels means nothing with --mode=stats (it measures the rate, not pixels)')
+        console.fail('--pixels means nothing with --mode=stats (it measures the rate, not pixels)')
     if FLAGS.mode == 'export' and FLAGS.overwrite:
-        hparams.fail('--overwrite: --mode=export never replaces samples; remove the old ones or give another --out')
+        console.fail('--overwrite: --mode=export never replaces samples; remove the old ones or give another --out')
     ckpts = [c for c in FLAGS.ckpt.split(',') if c]
     if not ckpts:
-        hparams.fail(f'--ckpt={FLAGS.ckpt} names no run folder or ckpt-N prefix')
+        console.fail(f'--ckpt={FLAGS.ckpt} names no run folder or ckpt-N prefix')
     if len(ckpts) > 1 and FLAGS.mode != 'stats':
-        hparams.fail(f'--ckpt names {len(ckpts)} checkpoints; only --mode=stats compares several')
+        console.fail(f'--ckpt names {len(ckpts)} checkpoints; only --mode=stats compares several')
     runs = []
     for ckpt in ckpts:
         model, hp, folder, path, step = checkpoints.load(ckpt)
@@ -273,10 +268,10 @@ def main(_):
             stats_mode(runs)
         else:
             dict(sample=sample_mode, reconstruct=reconstruct_mode, export=export_mode)[FLAGS.mode](*runs[0])
-    except data.DataError as e:
-        hparams.fail(e)
+    except errors.DataError as e:
+        console.fail(e)
 
 
 if __name__ == '__main__':
     define_flags()
-    hparams.run(main)
+    console.run(main)

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from figures import grid, labelled, titled
-import hparams
+import console
 
 # ---------------------------------------------------------------------------------------
 # Temperatures.
@@ -83,7 +83,7 @@ def generate(sampler, n, temperature, seed, batch, timings=None):
         if timings is not None:
             timings.append((len(out[-1]), time.time() - t0))
         if n > batch:
-            hparams.progress('sampling', start + len(out[-1]), n, start_time, every=30.)
+            console.progress('sampling', start + len(out[-1]), n, start_time, every=30.)
     return np.concatenate(out)
 
 
@@ -113,7 +113,7 @@ def rate_per_layer(model, x_in, batch, seed=0):
     for i in range(0, len(x_in), batch):
         rates.append(graph(x_in[i:i + batch], tf.constant([seed, i], tf.int32)).numpy())
         if len(x_in) > batch:
-            hparams.progress('rate per layer', i + len(rates[-1]), len(x_in), t0, every=30.)
+            console.progress('rate per layer', i + len(rates[-1]), len(x_in), t0, every=30.)
     return np.concatenate(rates).mean(0) / math.log(2)
 
 

@@ -8,8 +8,8 @@ import time
 
 import tensorflow as tf
 
+import console
 import data
-import hparams
 import model as vdvae
 import update
 
@@ -131,7 +131,7 @@ def evaluate(eval_step, dataset, total=None, label='eval', stop=None):
             for k, v in eval_step(*batch, batch=i).items():
                 sums[k] = sums.get(k, 0.) + float(v)
             if total:
-                hparams.progress(label, sums['images'] + sums['nonfinite'], total, t0, every=30.)
+                console.progress(label, sums['images'] + sums['nonfinite'], total, t0, every=30.)
     n = max(sums.get('images', 0.), 1.)
     out = {k: sums.get(k, 0.) / n for k in ('elbo', 'distortion', 'rate') if k in sums}
     out.update(bits_per_dim=out['elbo'] / math.log(2), images=int(sums.get('images', 0)),

@@ -2,43 +2,51 @@
 the official code's cifar10 split rebuilt from tfds's example ids, and, when tfds cannot
 prepare a dataset, one line that names the real cause: a missing module (with its pip
 line), no network, or a source file that is not the original (tests/test_tfds.py runs that
-path for real, offline). data._split calls split() for the names in data.TFDS."""
+path for real, offline). data._split calls split() for the names in TFDS, with the number of
+images its table holds out; this module imports no other of the project's but errors.py.
+tensorflow_datasets is imported on first use: it is slow to import, and only these need it."""
 import os
 import re
 
 import numpy as np
 import tensorflow as tf
 
-import data
+import errors
+
+# Our name -> (tfds's name, the tfds split that is our test split).
+TFDS = {'cifar10': ('cifar10', 'test'),
+        'imagenet32': ('downsampled_imagenet/32x32', 'validation'),
+        'imagenet64': ('downsampled_imagenet/64x64', 'validation')}
 
 
-def split(dataset, split, image_size, data_dir):
-    """data._split for a tfds dataset: its images as the split's keys, each checked for shape."""
+def split(dataset, split, image_size, data_dir, held_out):
+    """For data._split: (keys, decode, size) of a tfds dataset's split, its images as the keys,
+    each checked for shape; `held_out` training images are the valid split."""
     import tensorflow_datasets as tfds
-    name, test_split = data.TFDS[dataset]
+    name, test_split = TFDS[dataset]
     source = test_split if split == 'test' else 'train'
     where = data_dir or f'the default tfds data_dir ({tfds.core.constants.DATA_DIR})'
     try:
         ds = tfds.load(name, split=source, shuffle_files=False, data_dir=data_dir)
     except Exception as e:  # noqa: BLE001 -- tfds raises many kinds; failure() sorts them
-        raise data.DataError(failure(name, source, data_dir, where, e)) from None
+        raise errors.DataError(failure(name, source, data_dir, where, e)) from None
     size = None
     if dataset == 'cifar10' and split != 'test':
-        ds, size = _cifar10_official(ds, split, where)
+        ds, size = _cifar10_official(ds, split, where, held_out)
     # ImageNet: tfds's train order is fixed and was shuffled when the dataset was built, so
     # the first images are a random held-out set (not the official one: data.py's docstring).
     elif split == 'valid':
-        ds = ds.take(data.HELD_OUT[dataset])
+        ds = ds.take(held_out)
     elif split == 'train':
-        ds = ds.skip(data.HELD_OUT[dataset])
+        ds = ds.skip(held_out)
     ds = ds.map(lambda example: example['image'])
     want = (image_size, image_size, 3)
     first = next(iter(ds.take(1)), None)
     if first is None:
-        raise data.DataError(f'{name}: split {split!r} in {where} has no images')
+        raise errors.DataError(f'{name}: split {split!r} in {where} has no images')
     if tuple(first.shape) != want:
-        raise data.DataError(f'{name} in {where}: {split} image 0 has shape '
-                             f'{"x".join(map(str, first.shape))}, expected {"x".join(map(str, want))}')
+        raise errors.DataError(f'{name} in {where}: {split} image 0 has shape '
+                               f'{"x".join(map(str, first.shape))}, expected {"x".join(map(str, want))}')
     size = size or int(ds.cardinality())
     if size < 0:
         size = int(ds.reduce(0, lambda n, _: n + 1))
@@ -49,7 +57,7 @@ def split(dataset, split, image_size, data_dir):
             f'than {"x".join(map(str, want))} in split {split!r}')
         with tf.control_dependencies([check]):
             return tf.ensure_shape(tf.identity(image), want)
-    return data.Split(ds, decode, size)
+    return ds, decode, size
 
 
 def cifar10_held_out(n, held_out):
@@ -60,12 +68,12 @@ def cifar10_held_out(n, held_out):
     return order[:held_out], order[held_out:]
 
 
-def _cifar10_official(ds, split, where):
+def _cifar10_official(ds, split, where, held_out):
     """tfds's cifar10 train examples of the official split, in tfds's order. tfds shuffles
     the examples when it prepares them, but keeps each one's position in data_batch_1..5 in its
     `id` (train_00000 ... train_49999)."""
     n = int(ds.cardinality())
-    valid, _ = cifar10_held_out(n, data.HELD_OUT['cifar10'])
+    valid, _ = cifar10_held_out(n, held_out)
     in_valid = np.zeros(n, bool)
     in_valid[valid] = True
     in_valid = tf.constant(in_valid)
@@ -127,20 +135,20 @@ def failure(name, source, data_dir, where, e):
     chain = _causes(e)
     missing = next((c for c in chain if isinstance(c, ImportError)), None)
     if missing is not None:
-        module = missing.name or data._first_line(missing)
+        module = missing.name or errors.first_line(missing)
         return (f'{name}: tensorflow-datasets needs the Python module {module!r} to load or prepare '
                 f'it, and it is not installed: {_pip_line(module)}')
     network = any(_is_network_error(c) for c in chain)
     if network and str(data_dir).startswith('gs://'):
-        return f'{name}: cannot reach {data_dir}: no network ({data._first_line(e)})'
+        return f'{name}: cannot reach {data_dir}: no network ({errors.first_line(e)})'
     kinds = {type(c).__name__ for c in chain}
     if 'NonMatchingChecksumError' in kinds:
         return (f'{name}: a source file is not the original, its checksum differs from the one tfds '
-                f'expects ({data._first_line(e)}). {_how_to_prepare(name)}')
+                f'expects ({errors.first_line(e)}). {_how_to_prepare(name)}')
     if network or 'DownloadError' in kinds:
         why = 'tfds cannot download it: no network' if network else 'its download failed'
-        return f'{name}: not prepared in {where}, and {why} ({data._first_line(e)}). {_how_to_prepare(name)}'
-    return f'{name}: cannot load split {source!r} from {where}: {data._first_line(e)}'
+        return f'{name}: not prepared in {where}, and {why} ({errors.first_line(e)}). {_how_to_prepare(name)}'
+    return f'{name}: cannot load split {source!r} from {where}: {errors.first_line(e)}'
 
 
 def _how_to_prepare(name):

@@ -19,9 +19,12 @@ import keras
 import tensorflow as tf
 
 import checkpoints
+import console
 import data
 import devices
+import errors
 import figures
+import files
 import hparams
 import model as vdvae
 import runlog
@@ -107,7 +110,7 @@ def test_eval(strategy):
     overrides = [f.name for f in dataclasses.fields(hparams.HParams)
                  if FLAGS[f.name].value is not None and f.name != 'batch_size']
     if overrides:
-        hparams.fail(f'--test_eval takes the hyperparameters from the checkpoint; drop --{overrides[0]}')
+        console.fail(f'--test_eval takes the hyperparameters from the checkpoint; drop --{overrides[0]}')
     hp = hp.replace(batch_size=FLAGS.batch_size or hp.batch_size)
     total = data.split_size(hp.dataset, 'test', hp.image_size, FLAGS.data_dir)
     n = min(FLAGS.n_images, total) if FLAGS.n_images else total
@@ -131,28 +134,28 @@ def test_eval(strategy):
 def main(argv):
     try:
         run(argv)
-    except data.DataError as e:          # missing or malformed data: one line, no traceback
-        hparams.fail(e)
+    except errors.DataError as e:          # missing or malformed data: one line, no traceback
+        console.fail(e)
 
 
 def check_flags():
     """The flags of this script that hparams does not check: each bad value is one line."""
-    hparams.at_least(log_every=1, save_every=1, keep_checkpoints=1, eval_every=0, samples_every=0,
+    console.at_least(log_every=1, save_every=1, keep_checkpoints=1, eval_every=0, samples_every=0,
                      max_skips_in_a_row=0)
     if FLAGS.ckpt and not FLAGS.test_eval:
-        hparams.fail('--ckpt names the checkpoint for --test_eval; training resumes from --logdir')
+        console.fail('--ckpt names the checkpoint for --test_eval; training resumes from --logdir')
     if FLAGS.iw_samples < 0 or (FLAGS.iw_samples and not FLAGS.test_eval):
-        hparams.fail(f'--iw_samples={FLAGS.iw_samples}: give a positive number of draws, with --test_eval')
+        console.fail(f'--iw_samples={FLAGS.iw_samples}: give a positive number of draws, with --test_eval')
     if FLAGS.steps_per_call < 0:
-        hparams.fail(f'--steps_per_call={FLAGS.steps_per_call}: give a positive number, or 0 for the default')
+        console.fail(f'--steps_per_call={FLAGS.steps_per_call}: give a positive number, or 0 for the default')
     if FLAGS.n_images < 0 or (FLAGS.n_images and not FLAGS.test_eval):
-        hparams.fail(f'--n_images={FLAGS.n_images}: give a positive number of test images, with --test_eval')
+        console.fail(f'--n_images={FLAGS.n_images}: give a positive number of test images, with --test_eval')
 
 
 def run(_):
     tf.get_logger().setLevel('ERROR')    # TF's checkpoint and retracing chatter; ours is printed
     logging.set_verbosity(logging.WARNING)     # the checkpoint saver's INFO lines, through absl
-    hp = hparams.exit_on_error(hparams.from_flags)
+    hp = console.exit_on_error(hparams.from_flags)
     check_flags()
     if FLAGS.precision != 'float32':
         keras.config.set_dtype_policy(FLAGS.precision)
@@ -160,7 +163,7 @@ def run(_):
     try:
         strategy = devices.make_strategy(FLAGS.strategy, FLAGS.tpu)
     except RuntimeError as e:
-        hparams.fail(e)
+        console.fail(e)
     if not isinstance(strategy, tf.distribute.TPUStrategy) and (warning := devices.gpu_warning()):
         print(warning, file=sys.stderr)
     if FLAGS.test_eval:
@@ -196,10 +199,10 @@ class Training:
 
     def save(self, step):
         try:
-            with checkpoints.writing(self.ckpt_dir, f'checkpoint {step}', self.kept()):
+            with files.writing(self.ckpt_dir, f'checkpoint {step}', self.kept()):
                 path = checkpoints.save(self.manager, self.state, step)
-        except checkpoints.CheckpointError as e:
-            hparams.fail(e)
+        except errors.CheckpointError as e:
+            console.fail(e)
         self.saved = (step, path)
         return path
 
@@ -250,15 +253,15 @@ def restore(training):
     moved aside (by the chief) with a warning line. Then the log and the preview images."""
     t = training
     try:
-        with checkpoints.writing(os.path.join(t.logdir, 'ckpt', 'corrupt'), 'a damaged checkpoint aside'):
+        with files.writing(os.path.join(t.logdir, 'ckpt', 'corrupt'), 'a damaged checkpoint aside'):
             latest = checkpoints.newest_good(os.path.join(t.logdir, 'ckpt'), move=t.chief)
-    except checkpoints.CheckpointError as e:
-        hparams.fail(f'{e}; nothing was moved: mend or move these files, or use another --logdir')
+    except errors.CheckpointError as e:
+        console.fail(f'{e}; nothing was moved: mend or move these files, or use another --logdir')
     if latest:
         try:
             t.ckpt.restore(latest)       # an imported official checkpoint has no optimizer or input state
         except checkpoints.READ_ERRORS as e:
-            hparams.fail(f'{latest}: cannot be restored into this run ({data._first_line(e)[:300]})')
+            console.fail(f'{latest}: cannot be restored into this run ({errors.first_line(e)[:300]})')
         print(f'resumed from {latest} at step {int(t.state.step.numpy())}')
         if not t.saved_iter:
             t.train_iter = iter(data.train_dataset(t.hp, t.strategy, FLAGS.data_dir,
@@ -284,7 +287,7 @@ def train_loop(t):
         if devices.stop_requested(strategy, t.preemption):
             path = t.saved[1] if t.saved and t.saved[0] == step else t.save(step)
             who = t.preemption.requested or 'a signal to another worker'
-            print(f'{hparams.fresh_line()}{who}: stopped at step {step} with a checkpoint ({path}); '
+            print(f'{console.fresh_line()}{who}: stopped at step {step} with a checkpoint ({path}); '
                   'the same command resumes')
             return
         n = min([per_call, hp.steps - step] + [e - step % e for e in events])
@@ -299,7 +302,7 @@ def train_loop(t):
             if t.log:
                 t.log.write(step, 'train', values)
             t_log, logged, interval = time.time(), step, {}
-            hparams.progress(f'step {step} elbo {values["elbo"]:.4f} ({values["bits_per_dim"]:.3f} bpd) '
+            console.progress(f'step {step} elbo {values["elbo"]:.4f} ({values["bits_per_dim"]:.3f} bpd) '
                              f'|g| {values["grad_norm"]:.1f} max {values["grad_norm_max"]:.1f} '
                              f'skipped {values["skipped"]} ({values["skipped_total"]} in all)',
                              step - start, hp.steps - start, t0)
@@ -313,7 +316,7 @@ def after_call(t, step):
     hp = t.hp
     if int(t.state.skips_in_a_row.numpy()) > FLAGS.max_skips_in_a_row:
         path = t.save(step)       # skipped updates changed nothing: this is the last good state
-        hparams.fail(f'{int(t.state.skips_in_a_row.numpy())} updates in a row were skipped (gradient '
+        console.fail(f'{int(t.state.skips_in_a_row.numpy())} updates in a row were skipped (gradient '
                      f'norm >= skip_threshold={hp.skip_threshold} or non-finite loss): training '
                      f'has stalled; the last good state is saved ({path}). To resume, run the same '
                      'command with a higher --skip_threshold or a lower --lr')
@@ -323,7 +326,7 @@ def after_call(t, step):
         steps.copy_ema(t.state, t.ema_model)
         grid = sampling.sample_grid(t.ema_model, *t.preview, seed=step, title=f'step {step}, EMA weights')
         path = os.path.join(t.logdir, 'samples', f'step-{step:08d}.png')
-        with checkpoints.writing(path, 'the sample grid', t.kept()):
+        with files.writing(path, 'the sample grid', t.kept()):
             figures.save_png(grid, path)
         t.log.write_image(step, 'preview (EMA weights)', grid)
     if _due(FLAGS.eval_every, step, hp.steps):
@@ -334,7 +337,7 @@ def after_call(t, step):
             return               # preempted: the top of the loop saves and stops
         if t.log:
             t.log.write(step, 'valid', result)
-        print(f'{hparams.fresh_line()}valid at step {step}: {result["elbo"]:.4f} nats/dim, '
+        print(f'{console.fresh_line()}valid at step {step}: {result["elbo"]:.4f} nats/dim, '
               f'{result["bits_per_dim"]:.4f} bits/dim ({result["images"]} images, '
               f'{result["nonfinite"]} non-finite)')
     if t.log and (_due(FLAGS.samples_every, step, hp.steps) or _due(FLAGS.eval_every, step, hp.steps)
@@ -349,4 +352,4 @@ def _due(every, step, last):
 
 if __name__ == '__main__':
     define_flags()
-    hparams.run(main)
+    console.run(main)

@@ -132,9 +132,9 @@ def _child(module, script, request):
     from absl import flags
     for flag in flags.FLAGS.get_key_flags_for_module(module.__name__):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    import hparams
+    import console
     try:
-        hparams.run(module.main)
+        console.run(module.main)
         code = 0
     except SystemExit as e:         # as the interpreter would report it
         if isinstance(e.code, str):

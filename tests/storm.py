@@ -15,7 +15,7 @@ from absl import flags
 import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import hparams  # noqa: E402
+import console  # noqa: E402
 import model  # noqa: E402
 import devices  # noqa: E402
 import train  # noqa: E402
@@ -63,4 +63,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    hparams.run(main)
+    console.run(main)

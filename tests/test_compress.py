@@ -10,9 +10,10 @@ import tensorflow as tf
 
 import checkpoints
 import cli
-import compress
+import coder
 from conftest import fit
 import data
+import errors
 import hparams
 import likelihood
 import model as vdvae
@@ -47,10 +48,10 @@ def test_decompressed_images_equal_the_inputs_byte_for_byte(which, trained):
         images = np.random.default_rng(0).integers(0, 256, (7, 16, 16, 3)).astype(np.uint8)
     else:
         m, skip_kl, images = trained, 1e-2, _digits(11)
-    blob, stats = compress.compress(m, images, batch=4, skip_kl=skip_kl, grid=2.3, progress=False)   # not a float32
+    blob, stats = coder.compress(m, images, batch=4, skip_kl=skip_kl, grid=2.3, progress=False)   # not a float32
     assert stats['coded_channels'] > 0                  # the bits-back path is exercised
-    assert compress.batches(len(images), 4) == ([1, 2, 4] if which == 'random' else [1, 2, 4, 4])
-    np.testing.assert_array_equal(compress.decompress(m, blob, progress=False), images)
+    assert coder.batches(len(images), 4) == ([1, 2, 4] if which == 'random' else [1, 2, 4, 4])
+    np.testing.assert_array_equal(coder.decompress(m, blob, progress=False), images)
 
 
 def test_pixel_tables_are_the_likelihood_of_each_colour_given_the_earlier_ones(trained):
@@ -59,7 +60,7 @@ def test_pixel_tables_are_the_likelihood_of_each_colour_given_the_earlier_ones(t
     images = _digits(2)
     x_in, target = data.preprocess(images, trained.hp)
     params = trained.decode(trained.posterior_latents(x_in, seed=[0, 0]))
-    pixels = compress.Pixels(params.numpy())
+    pixels = coder.Pixels(params.numpy())
     flat = images.reshape(-1, 3)
     rows = np.arange(len(flat))
     log_p = sum(np.log(pixels.table(c, flat, rows)[rows, flat[:, c]]) for c in range(3))
@@ -75,8 +76,8 @@ def test_coding_every_latent_costs_the_negative_elbo_once_the_stack_is_primed(tr
     """The marginal cost of images (a longer file minus a shorter one) with every latent
     coded (skip_kl=0) is the model's negative ELBO, plus the grid's small overhead."""
     images = _digits(40)
-    short, _ = compress.compress(trained, images[:8], batch=1, skip_kl=0., progress=False)
-    long, _ = compress.compress(trained, images, batch=1, skip_kl=0., progress=False)
+    short, _ = coder.compress(trained, images[:8], batch=1, skip_kl=0., progress=False)
+    long, _ = coder.compress(trained, images, batch=1, skip_kl=0., progress=False)
     marginal = 8 * (len(long) - len(short)) / (32 * images[0].size)
     x_in, target = data.preprocess(images[8:], trained.hp)
     elbo = np.mean([trained.losses_per_image(x_in, target, seed=[s, 0])['elbo'].numpy().mean()
@@ -147,11 +148,11 @@ def test_without_constriction_it_says_how_to_install_it(runs, tmp_path):
 def test_a_decoder_whose_floats_differ_ends_in_one_error_not_in_wrong_images(trained, monkeypatch):
     """Another machine's floats, played by weights 0.1% off under a hash that still matches."""
     images = _digits(3)
-    monkeypatch.setattr(compress, 'weights_hash', lambda m: bytes(32))
-    blob, _ = compress.compress(trained, images, batch=2, progress=False)
+    monkeypatch.setattr(coder, 'weights_hash', lambda m: bytes(32))
+    blob, _ = coder.compress(trained, images, batch=2, progress=False)
     other = vdvae.VDVAE(trained.hp)
     rng = np.random.default_rng(0)
     for v, w in zip(other.weights, trained.weights):
         v.assign(w * (1. + 1e-3 * rng.standard_normal(w.shape)).astype(np.float32))
-    with pytest.raises(compress.FileError, match='did not end where the encoder began'):
-        compress.decompress(other, blob, progress=False)
+    with pytest.raises(errors.FileError, match='did not end where the encoder began'):
+        coder.decompress(other, blob, progress=False)

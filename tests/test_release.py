@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import cli
+import errors
 import hparams
 import model as vdvae
 import official
@@ -56,7 +57,7 @@ def server():
 def test_a_download_is_checked_kept_whole_resumed_and_done_once(server, tmp_path, capfd):
     whole = open(OFFICIAL, 'rb').read()
     _Server.cut = len(whole) // 3                  # the connection drops after a third
-    with pytest.raises(official.CheckpointError, match=f'ended at {len(whole) // 3:,} of {len(whole):,} bytes'):
+    with pytest.raises(errors.CheckpointError, match=f'ended at {len(whole) // 3:,} of {len(whole):,} bytes'):
         official.fetch('tiny', tmp_path, server)
     path = tmp_path / 'case-model-ema.th'
     assert not path.exists() and (tmp_path / 'case-model-ema.th.part').stat().st_size == len(whole) // 3
@@ -73,9 +74,9 @@ def test_file_urls_take_the_same_path_and_a_part_without_range_starts_again(tmp_
     (tmp_path / 'official.th.part').write_bytes(b'left over from a cut download')
     path = official.fetch('tiny', tmp_path, f'file://{OFFICIAL}')
     assert open(path, 'rb').read() == open(OFFICIAL, 'rb').read()
-    with pytest.raises(official.CheckpointError, match='no released weights for the preset .tiny.'):
+    with pytest.raises(errors.CheckpointError, match='no released weights for the preset .tiny.'):
         official.fetch('tiny', tmp_path)
-    with pytest.raises(official.CheckpointError, match='cannot download it'):
+    with pytest.raises(errors.CheckpointError, match='cannot download it'):
         official.fetch('tiny', tmp_path / 'other', f'file://{tmp_path}/nothing.th')
     assert not (tmp_path / 'other').exists()
     assert official.cache_dir() == os.path.join(os.path.expanduser('~'), '.keras', 'vdvae') or 'KERAS_HOME' in os.environ

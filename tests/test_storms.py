@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import checkpoints
 import cli
+import errors
 import hparams
 import steps
 import train
@@ -148,7 +149,7 @@ def test_non_finite_state_is_never_saved(tmp_path):
     assert checkpoints.save(manager, state, 1).endswith('ckpt-1')
     weights = state.model.weights[3]
     weights.assign(tf.tensor_scatter_nd_update(weights, [[0, 0]], [np.inf]))
-    with pytest.raises(checkpoints.CheckpointError, match=r'not saving step 2: 1 variables .*'
+    with pytest.raises(errors.CheckpointError, match=r'not saving step 2: 1 variables .*'
                        + weights.path.split('/')[0] + r'.*last good checkpoint is .*ckpt-1'):
         checkpoints.save(manager, state, 2)
     assert sorted(os.listdir(tmp_path)) == ['checkpoint', 'ckpt-1.data-00000-of-00001', 'ckpt-1.index']

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 import cli
 import data
+import errors
 from offline import cut_network
 from test_data import images_of, one_line_error
 import tfds_source
@@ -47,9 +48,9 @@ def offline():
     requests.adapters.HTTPAdapter.send = original
 
 
-@pytest.mark.parametrize('dataset', sorted(data.TFDS))
+@pytest.mark.parametrize('dataset', sorted(tfds_source.TFDS))
 def test_a_fresh_install_gets_as_far_as_the_download_and_says_no_network(dataset, offline, tmp_path):
-    name = data.TFDS[dataset][0]
+    name = tfds_source.TFDS[dataset][0]
     message = one_line_error(data.split_size, dataset, 'train', SIZE[dataset], str(tmp_path))
     # It reached the download of one of the dataset's own source files, and only that failed.
     assert message.startswith(f'{name}: not prepared in {tmp_path}, and tfds cannot download it: no network')
@@ -124,7 +125,7 @@ def test_cifar10_holds_out_the_official_train_images(monkeypatch):
     assert list(split['train']) == [p for p in order if p in SKLEARN_10_5[1]]
     assert list(split['test']) == [255] * 3
     with tfds.testing.mock_data(as_dataset_fn=cifar10_mock(['train_00001', 'img7'] + ids[2:])):
-        with pytest.raises(data.DataError, match='an example id is not train_N'):
+        with pytest.raises(errors.DataError, match='an example id is not train_N'):
             with data.clear_errors():
                 images_of(data.load_split('cifar10', 'train', 32))
 
@@ -152,7 +153,7 @@ def test_downsampled_imagenet_shapes_are_checked():
     # An odd shape after the first image is caught while reading.
     with tfds.testing.mock_data(as_dataset_fn=imagenet_mock([(32, 32, 3), (32, 31, 3)])):
         ds = data.load_split('imagenet32', 'test', 32)
-        with pytest.raises(data.DataError, match='another shape than 32x32x3'):
+        with pytest.raises(errors.DataError, match='another shape than 32x32x3'):
             with data.clear_errors():
                 images_of(ds)
 
@@ -238,14 +239,14 @@ def test_a_file_in_the_manual_folder_is_checked_against_tfds_checksums(offline, 
     assert 'no network' not in message
 
 
-@pytest.mark.parametrize('dataset', sorted(data.TFDS))
+@pytest.mark.parametrize('dataset', sorted(tfds_source.TFDS))
 def test_tfds_prepares_the_source_files_and_data_reads_every_image_exactly(
         dataset, offline, tmp_path, monkeypatch):
     """With tfds's checksums set to those of the tiny archives, the rest of the path is the
     real one: extraction, tfds's own parsing of the format, TFRecords, and data.py's reading."""
     from tensorflow_datasets.core.download import checksums
     import tensorflow_datasets as tfds
-    name = data.TFDS[dataset][0]
+    name = tfds_source.TFDS[dataset][0]
     files, train, test = archives(dataset, np.random.default_rng(1))
     manual = put_manual(tmp_path, files)
     builder_class = type(tfds.builder(name, data_dir=str(tmp_path)))

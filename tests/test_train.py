@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import cli
+import console
 import devices
 import hparams
 import steps
@@ -333,7 +334,7 @@ def _stub_nvidia_smi(folder):
 def test_a_driver_without_a_gpu_in_tensorflow_is_one_warning_with_the_install_line(tmp_path, monkeypatch):
     """An NVIDIA driver (nvidia-smi on PATH) but no GPU in TensorFlow (here: none at all) means
     TensorFlow without its CUDA libraries; the run says so once, and trains on the CPU."""
-    if hparams.nvidia_driver() or tf.config.list_physical_devices('GPU'):
+    if console.nvidia_driver() or tf.config.list_physical_devices('GPU'):
         pytest.skip('this machine has an NVIDIA driver or a GPU of its own')
     assert devices.gpu_warning() is None
     plain = os.environ['PATH']
@@ -359,9 +360,9 @@ def test_the_start_line_names_the_strategy_and_its_devices():
 
 def test_auto_tries_no_tpu_without_a_sign_of_one(monkeypatch, capsys):
     monkeypatch.delenv('TPU_NAME', raising=False)
-    monkeypatch.setattr(hparams.glob, 'glob', lambda pattern: [])
+    monkeypatch.setattr(console.glob, 'glob', lambda pattern: [])
     monkeypatch.setattr(tf.distribute.cluster_resolver, 'TPUClusterResolver', None)   # would fail if called
-    assert not hparams.tpu_present()
+    assert not console.tpu_present()
     assert devices.make_strategy('auto') is tf.distribute.get_strategy()
     assert 'strategy:' not in capsys.readouterr().err
 
