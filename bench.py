@@ -58,7 +58,7 @@ flags.DEFINE_boolean('remat', False, 'train.py --remat: rematerialise each block
 flags.DEFINE_boolean('ceiling', True, 'time a bare 3x3 conv in float32 (and bfloat16) first: this '
                      'machine\'s conv throughput, against which the model\'s is given')
 flags.DEFINE_boolean('grappler', True, 'Grappler graph optimisation, on as in train.py and sample.py '
-                     '(off here: 2-5 s less to the first train step, train steps 3-12% slower)')
+                     '(off here: sooner to the first train step, slower train steps)')
 flags.DEFINE_enum('layout', 'stacked', ['stacked', 'naive'],
                   "stacked: this project's model; naive: the same model with one variable per "
                   'conv kernel and bias, TF-op GELU with autodiff and no per-block functions')

@@ -44,7 +44,7 @@ FLAGS = flags.FLAGS
 # --learn: does training learn at the official code's speed? The same small configuration,
 # trained by train.py's own loop on the mnist5k digits, against the official code's
 # validation bits/dim (measured by running the official release on CPU with this project's
-# mnist5k constants; issue 13 of this project).
+# mnist5k constants: docs/performance.md, "The learning check against the official code").
 LEARN = dict(dataset='mnist5k', image_size=32, width=64, zdim=8, num_mixtures=5,
              enc_blocks='32x2,32d2,16x2,16d2,8x2,8d2,4x2,4d4,1x1',
              dec_blocks='1x1,4m1,4x2,8m4,8x2,16m8,16x2,32m16,32x2', batch_size=16, lr=5e-4,

@@ -249,7 +249,7 @@ def _times(dy, slope, skip):
 
 def _sum(*terms):
     """The terms added in float32 and rounded once, one XLA pass: TensorFlow's own bfloat16
-    add is slower than its float32 add on this CPU (1.21 ms against 0.96 on 3M values). One
+    add is slower than its float32 add on CPUs (docs/performance.md). One
     traced function per shape, for any batch size, as the blocks have: the decoder's adds run
     outside the blocks, and an eager call at a new batch size would otherwise retrace."""
     key = (len(terms), terms[0].dtype, tuple(terms[0].shape[1:]))
@@ -302,8 +302,8 @@ def _pointwise(x, kernel, bias=None, transpose_kernel=False):
 
 def _conv_gradients(x, kernel, dy):
     """(d kernel, d x) of conv(x, kernel) given dy. A 1x1 conv's kernel gradient is one matrix
-    product: in bfloat16 oneDNN's Conv2DBackpropFilter took 2.4x as long (3.6 ms against 1.5
-    at 8x32x32x384 -> 96)."""
+    product, which in bfloat16 is much faster than oneDNN's Conv2DBackpropFilter
+    (docs/performance.md, "Where bfloat16 loses its speed")."""
     if kernel.shape[:2] == (1, 1):
         d_kernel = tf.matmul(tf.reshape(x, (-1, x.shape[-1])), tf.reshape(dy, (-1, dy.shape[-1])), transpose_a=True)
         d_kernel = tf.reshape(d_kernel, kernel.shape)
