@@ -2,9 +2,10 @@
 
     python train.py --hparams=imagenet32 [--strategy=auto] [--logdir=runs/imagenet32]
 
-The loop: data, the run folder and its checkpoints, evaluation, logs, preview grids, and
-stopping cleanly on a signal or a storm of bad steps. The update rule and the compiled steps
-it calls are steps.py's.
+The run, top to bottom: build (data, run folder, training state, checkpoint), restore, the
+loop, and what is due after each call (checkpoints, preview grids, evaluation), stopping
+cleanly on a signal or a storm of bad steps. The update rule is update.py's, the compiled
+steps steps.py's, the devices devices.py's, the logs runlog.py's.
 """
 import dataclasses
 import math
@@ -99,6 +100,7 @@ def preview_images(hp, data_dir=None):
 
 
 # ---------------------------------------------------------------------------------------
+# --test_eval: a checkpoint's bits/dim on the test split.
 
 
 def test_eval(strategy):

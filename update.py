@@ -267,9 +267,10 @@ class KerasSteps:
         """optimizer: None for the paper's (AdamW with the official epsilon, warm-up over
         every step), or a Keras optimizer; clipping, skipping and the EMA stay the paper's.
         loss_scale > 1: float16 training with a dynamic loss scale starting there."""
-        if set(kwargs) & {'loss', 'loss_weights', 'metrics', 'weighted_metrics'}:
-            raise ValueError(f'compile({", ".join(sorted(kwargs))}=...): a VDVAE trains on its own loss, '
-                             'the negative ELBO; give only optimizer, loss_scale, steps_per_execution, jit_compile')
+        if refused := sorted(set(kwargs) & {'loss', 'loss_weights', 'metrics', 'weighted_metrics'}):
+            raise ValueError(f'compile({"=..., ".join(refused)}=...): a VDVAE trains on its own loss, '
+                             'the negative ELBO, and logs its parts; give optimizer, loss_scale, '
+                             'steps_per_execution or jit_compile')
         strategy = self.distribute_strategy
         with strategy.scope():
             if isinstance(optimizer, str):

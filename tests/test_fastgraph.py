@@ -10,6 +10,7 @@ import tensorflow as tf
 
 import fastgraph
 import model
+import update
 
 
 def _block_case(dtype, split, seed):
@@ -120,10 +121,10 @@ def test_the_naive_layout_is_the_same_model_with_one_variable_per_conv_piece(tin
     assert model.count_params(naive) == model.count_params(tiny_model)
     stacks = [(res, s) for part in (tiny_model.encoder, tiny_model.decoder) for res, s in part.stages.items()]
     assert len(naive.weights) == len(tiny_model.weights) + sum(s.n * len(s.pieces) - 1 for _, s in stacks)
-    by_key = {model.checkpoint_key(v): v for v in tiny_model.weights}
+    by_key = {update.checkpoint_key(v): v for v in tiny_model.weights}
     for v in naive.weights:
-        if model.checkpoint_key(v) in by_key:
-            v.assign(by_key[model.checkpoint_key(v)])
+        if update.checkpoint_key(v) in by_key:
+            v.assign(by_key[update.checkpoint_key(v)])
     for ours, theirs in ((tiny_model.encoder, naive.encoder), (tiny_model.decoder, naive.decoder)):
         for res, stack in ours.stages.items():
             for name, _, _ in stack.pieces:
