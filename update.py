@@ -344,7 +344,7 @@ class KerasSteps:
             done, logs = steps_on(iterator)
             if int(done) == 0:
                 raise StopIteration
-            return logs
+            return {k: float(v) for k, v in logs.items()}     # numbers: Keras 3.10 hands evaluate tensors
         return function
 
     def _add_logs(self, values, weight, names):

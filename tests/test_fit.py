@@ -47,6 +47,7 @@ class _Logs(keras.callbacks.Callback):
         self.batches.append({k: float(v) for k, v in logs.items()})
 
 
+@pytest.mark.smoke
 def test_fit_makes_the_same_updates_as_the_training_loop_on_two_replicas(tmp_path):
     hp = hparams.load('tiny', warmup_iters=3)
     strategy, batch, nan_step = _mirrored(), 8, 2
