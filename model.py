@@ -21,7 +21,8 @@ nearest-neighbour unpooling by a learned one, `top_down_block='ffn'` drops the r
 residual connection. The defaults are the paper's model.
 
 The blocks own no variables: each resolution stage keeps all its blocks' weights in one
-stacked variable and a block reads its row (fastgraph.py says why, and what it measured).
+stacked variable and a block reads its row (fastgraph.py says why; docs/performance.md
+measures it).
 """
 import collections
 import functools
