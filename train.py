@@ -191,7 +191,7 @@ class Training:
     saved_iter: bool            # the input position is in the checkpoint
     ema_model: object           # the EMA weights, for grids and evaluation (or None)
     eval_step: object
-    log: object = None
+    log: object = None          # these three: made as the loop starts
     preview: tuple = ()
     preemption: object = None
     saved: tuple = ()           # (step, path) of the last save
@@ -200,6 +200,9 @@ class Training:
         return f'; the last complete checkpoint ({self.manager.latest_checkpoint or "none yet"}) is as it was'
 
     def save(self, step):
+        """The checkpoint of `step` (once: a stop at the step just saved writes no second copy)."""
+        if self.saved and self.saved[0] == step:
+            return self.saved[1]
         try:
             with files.writing(self.ckpt_dir, f'checkpoint {step}', self.kept()):
                 path = checkpoints.save(self.manager, self.state, step)
@@ -252,7 +255,7 @@ def build(hp, strategy, logdir):
 
 def restore(training):
     """The newest checkpoint that reads back whole and finite, if any; damaged newer ones are
-    moved aside (by the chief) with a warning line. Then the log and the preview images."""
+    moved aside (by the chief) with a warning line."""
     t = training
     try:
         with files.writing(os.path.join(t.logdir, 'ckpt', 'corrupt'), 'a damaged checkpoint aside'):
@@ -269,10 +272,6 @@ def restore(training):
             t.train_iter = iter(data.train_dataset(t.hp, t.strategy, FLAGS.data_dir,
                                                    start_step=int(t.state.step.numpy())))
     print(f'{vdvae.count_params(t.state.model):,} parameters, {t.state.model.num_layers} stochastic layers')
-    t.log = runlog.Log(t.logdir, t.kept, t.hp.skip_threshold) if t.chief else None
-    t.preview = preview_images(t.hp, FLAGS.data_dir)
-    # SIGTERM / SIGINT: the call under way ends, then a checkpoint and the end.
-    t.preemption = checkpoints.Preemption()
 
 
 def train_loop(t):
@@ -282,12 +281,16 @@ def train_loop(t):
     train_steps = steps.make_train_loop(t.state, hp, strategy, FLAGS.jit_compile)
     per_call = FLAGS.steps_per_call or (FLAGS.log_every if isinstance(strategy, tf.distribute.TPUStrategy) else 1)
     events = [e for e in (FLAGS.log_every, FLAGS.save_every, FLAGS.samples_every, FLAGS.eval_every) if e > 0]
+    t.log = runlog.Log(t.logdir, t.kept, hp.skip_threshold) if t.chief else None
+    t.preview = preview_images(hp, FLAGS.data_dir)
+    # SIGTERM / SIGINT: the call under way ends, then a checkpoint and the end.
+    t.preemption = checkpoints.Preemption()
     step, t0, t_log = int(t.state.step.numpy()), time.time(), time.time()
     start = logged = step
     interval = {}               # sums since the last log line (interval_add)
     while step < hp.steps:
         if devices.stop_requested(strategy, t.preemption):
-            path = t.saved[1] if t.saved and t.saved[0] == step else t.save(step)
+            path = t.save(step)
             who = t.preemption.requested or 'a signal to another worker'
             print(f'{console.fresh_line()}{who}: stopped at step {step} with a checkpoint ({path}); '
                   'the same command resumes')
